@@ -1,0 +1,194 @@
+"""From a `Sample` to model inputs: chat template, image tokens, and labels on the answers only.
+
+The conversation is rendered with the model's own chat template and cut into segments at the
+assistant turns: for each assistant turn, the text before it (with the generation prompt, e.g.
+`<|im_start|>assistant\\n`) is masked, and the answer up to and including the end-of-turn token
+(`<|im_end|>`) is trained on. Each segment is tokenized on its own, so the prompt tokens are
+exactly the ones the model sees at generation time. Images are expanded into their image tokens
+by the processor, segment by segment. Samples are never truncated: one longer than
+`max_length` is an error (the pre-flight check reports it before training).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import torch
+from PIL import Image
+
+from vlmtune.data.sample import IMAGE, DataError, Sample
+from vlmtune.models.family import Family
+
+IGNORE_INDEX = -100
+TOKEN_KEYS = ("input_ids", "attention_mask", "labels", "mm_token_type_ids", "token_type_ids")
+
+
+def load_image(path: str, size: tuple[int, int] | None = None) -> Image.Image:
+    """An RGB image, resized to `size` = (width, height) when given."""
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+    if size is not None and im.size != tuple(size):
+        im = im.resize(tuple(size), Image.Resampling.BICUBIC)
+    return im
+
+
+@dataclass
+class Encoder:
+    """Turns samples into tensors for one processor.
+
+    Args:
+        processor: the model's processor (tokenizer + image processor + chat template).
+        family: the model family (end-of-turn token, patch factor for fixed resizes).
+        prompt: text appended to a user turn that holds only images (seed 002's data files).
+        system_prompt: a system turn added to samples that have none.
+        image_size: (width, height) every image is resized to, rounded to the patch factor.
+        max_length: the longest sample, in tokens with image tokens counted.
+    """
+
+    processor: object
+    family: Family
+    prompt: str | None = None
+    system_prompt: str | None = None
+    image_size: tuple[int, int] | None = None
+    max_length: int | None = None
+
+    def __post_init__(self):
+        self.tokenizer = self.processor.tokenizer
+        self.image_token = getattr(self.processor, "image_token", None) or "<image>"
+        if self.image_size is not None:
+            f = self.family.patch_factor
+            self.image_size = tuple(max(f, round(s / f) * f) for s in self.image_size)
+        self._eot = self.family.end_of_turn
+
+    # -- chat messages --------------------------------------------------------------------
+    def messages(self, sample: Sample, turns=None) -> list[dict]:
+        """The sample as HF chat messages with content parts; images are `{"type": "image"}`."""
+        turns = sample.turns if turns is None else turns
+        out = []
+        if self.system_prompt and not (turns and turns[0].role == "system"):
+            out.append({"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
+        for turn in turns:
+            text = turn.text
+            if self.prompt and turn.role == "user" and IMAGE in text and not text.replace(IMAGE, "").strip():
+                text = text + self.prompt
+            parts = []
+            for i, piece in enumerate(text.split(IMAGE)):
+                if i > 0:
+                    parts.append({"type": "image"})
+                if piece:
+                    parts.append({"type": "text", "text": piece})
+            out.append({"role": turn.role, "content": parts})
+        return out
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def segments(self, sample: Sample) -> list[tuple[str, bool]]:
+        """(text, trained) pieces whose concatenation is the rendered conversation."""
+        messages = self.messages(sample)
+        segments: list[tuple[str, bool]] = []
+        done = ""
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prefix = self.render(messages[:i], add_generation_prompt=True)
+            full = self.render(messages[: i + 1])
+            if not prefix.startswith(done) or not full.startswith(prefix):
+                raise DataError(f"{sample.source}: the chat template does not render turn by turn (each prefix of the "
+                                "conversation must start the next); vlmtune cannot mask this template's prompts")
+            segments.append((prefix[len(done):], False))
+            answer = full[len(prefix):]
+            cut = self._answer_end(answer, message)
+            segments.append((answer[:cut], True))
+            if answer[cut:]:
+                segments.append((answer[cut:], False))
+            done = full
+        rest = self.render(messages)[len(done):]
+        if rest:
+            segments.append((rest, False))
+        return [(text, trained) for text, trained in segments if text]
+
+    def _answer_end(self, answer: str, message: dict) -> int:
+        """Where the trained part of a rendered answer ends: just after its end-of-turn token."""
+        content = "".join(p.get("text", "") for p in message["content"])
+        start = answer.find(content) + len(content) if content and content in answer else 0
+        if self._eot is None:  # generic families: the first special token after the content
+            specials = [t for t in self.tokenizer.all_special_tokens if t and t in answer[start:]]
+            self._eot = min(specials, key=lambda t: answer.index(t, start)) if specials else ""
+        if self._eot and self._eot in answer[start:]:
+            return answer.index(self._eot, start) + len(self._eot)
+        return len(answer)
+
+    # -- tensors --------------------------------------------------------------------------
+    def _images(self, paths: list[str]) -> list[Image.Image]:
+        return [load_image(p, self.image_size) for p in paths]
+
+    def _tokenize(self, pieces: list[tuple[str, bool]], images: list[str], source: str) -> dict[str, torch.Tensor]:
+        ids, labels, extra_tokens, vision = [], [], {}, {}
+        next_image = 0
+        for text, trained in pieces:
+            n = text.count(self.image_token)
+            if n:
+                seg_images = self._images(images[next_image: next_image + n])
+                next_image += n
+                enc = self.processor(text=[text], images=seg_images, add_special_tokens=False, return_tensors="pt")
+                for key, value in enc.items():
+                    if key in TOKEN_KEYS:
+                        if key not in ("input_ids", "attention_mask"):
+                            extra_tokens.setdefault(key, []).append(value[0])
+                    else:
+                        vision.setdefault(key, []).append(value)
+                seg_ids = enc["input_ids"][0].tolist()
+            else:
+                seg_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+                for key in extra_tokens:
+                    extra_tokens[key].append(torch.zeros(len(seg_ids), dtype=torch.long))
+            ids += seg_ids
+            labels += seg_ids if trained else [IGNORE_INDEX] * len(seg_ids)
+        if next_image != len(images):
+            raise DataError(f"{source}: {len(images)} image(s) but {next_image} image placeholder(s) in the text")
+        if self.max_length and len(ids) > self.max_length:
+            raise DataError(f"{source}: {len(ids)} tokens (images included) > max_length {self.max_length}; "
+                            "raise data.max_length, lower the image pixel budget, or set data.on_bad_sample=skip")
+        out = {"input_ids": torch.tensor(ids), "attention_mask": torch.ones(len(ids), dtype=torch.long),
+               "labels": torch.tensor(labels)}
+        for key, parts in extra_tokens.items():
+            # a token-level key that appeared only in later segments: zeros before it
+            value = torch.cat(parts)
+            out[key] = torch.cat([torch.zeros(len(ids) - len(value), dtype=value.dtype), value])
+        for key, parts in vision.items():
+            out[key] = torch.cat(parts)
+        return out
+
+    def encode(self, sample: Sample) -> dict[str, torch.Tensor]:
+        """Training inputs: input_ids, attention_mask, labels (answers only), image tensors."""
+        return self._tokenize(self.segments(sample), sample.images, sample.source)
+
+    def encode_prompt(self, sample: Sample) -> dict[str, torch.Tensor]:
+        """Generation inputs: every turn before the last answer, then the generation prompt."""
+        turns = sample.prompt_turns()
+        text = self.render(self.messages(sample, turns), add_generation_prompt=True)
+        n_images = sum(t.text.count(IMAGE) for t in turns)
+        enc = self._tokenize([(text, False)], sample.images[:n_images], sample.source)
+        enc.pop("labels")
+        return enc
+
+    def count_tokens(self, sample: Sample) -> int:
+        """Sequence length of `encode(sample)` without decoding pixels when the processor can tell
+        image-token counts from image sizes (Qwen families); otherwise by encoding the sample."""
+        per_image = getattr(self.processor, "_get_num_multimodal_tokens", None)
+        if per_image is None:
+            return len(self.encode(sample)["input_ids"])
+        sizes = []
+        for path in sample.images:
+            if self.image_size is not None:
+                w, h = self.image_size
+            else:
+                with Image.open(path) as im:
+                    w, h = im.size
+            sizes.append((h, w))
+        text = "".join(t for t, _ in self.segments(sample))
+        n_text = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if not sizes:
+            return n_text
+        counts = per_image(image_sizes=sizes).num_image_tokens
+        return n_text + sum(counts) - len(counts)  # each image placeholder token becomes `count` tokens

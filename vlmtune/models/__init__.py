@@ -1,0 +1,22 @@
+"""Model families. `family_for(path)` reads `config.json`'s model_type and returns its `Family`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vlmtune.models import generic, qwen2_5_vl, qwen2_vl, qwen3_vl
+from vlmtune.models.family import Family, read_model_type
+
+FAMILIES: dict[str, Family] = {
+    "qwen2_vl": qwen2_vl.FAMILY,
+    "qwen2_5_vl": qwen2_5_vl.FAMILY,
+    "qwen3_vl": qwen3_vl.FAMILY,
+}
+
+
+def family_for(path: str | Path) -> Family:
+    """The family of the checkpoint in folder `path` (generic when not one vlmtune knows by name)."""
+    return FAMILIES.get(read_model_type(path), generic.FAMILY)
+
+
+__all__ = ["FAMILIES", "Family", "family_for"]

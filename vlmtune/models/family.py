@@ -1,0 +1,48 @@
+"""What vlmtune needs to know about a model family, as plain data.
+
+Each family file (`qwen2_vl.py`, ...) holds one `Family`: where its vision tower, projector and
+language model live in the parameter names, the default LoRA targets, and processor settings.
+The family of a checkpoint is read from `config.json`'s `model_type`, never from its path.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from vlmtune.errors import VlmtuneError
+
+# LoRA on the language model's attention and MLP projections (the seeds' list), but only inside
+# the language model: Qwen2.5-VL's vision blocks also have gate/up/down_proj.
+LLM_LINEAR_REGEX = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    vision: tuple[str, ...]  # parameter-name prefixes of the vision tower
+    projector: tuple[str, ...]  # ... of the vision-to-language projector (checked before `vision`)
+    language_model: tuple[str, ...]  # ... of the language model, lm_head included
+    lora_targets: str = LLM_LINEAR_REGEX  # peft `target_modules` (a regex matched on full names)
+    end_of_turn: str | None = None  # token closing an assistant turn; trained on, None = find it
+    patch_factor: int = 1  # fixed resizes are rounded to a multiple of this (patch * merge)
+    pixel_budget: bool = False  # the image processor takes min_pixels / max_pixels
+
+    def part_of(self, param_name: str) -> str:
+        """'projector', 'vision', 'llm' or 'other' for a parameter name of the bare model."""
+        name = param_name.removeprefix("base_model.model.")
+        for part, prefixes in (("projector", self.projector), ("vision", self.vision), ("llm", self.language_model)):
+            if any(name.startswith(p) for p in prefixes):
+                return part
+        return "other"
+
+
+def read_model_type(path: str | Path) -> str:
+    config = Path(path) / "config.json"
+    try:
+        return json.loads(config.read_text())["model_type"]
+    except FileNotFoundError:
+        raise VlmtuneError(f"{config}: not found; is {path} a model folder?") from None
+    except (json.JSONDecodeError, KeyError) as e:
+        raise VlmtuneError(f"{config}: cannot read model_type ({e})") from None

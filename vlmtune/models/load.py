@@ -1,0 +1,120 @@
+"""Loading a model and its processor from a local folder or a hub id (Hugging Face or ModelScope).
+
+Nothing from a model folder is executed unless the user sets `trust_remote_code: true`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from vlmtune.errors import VlmtuneError
+from vlmtune.models import Family, family_for
+
+
+def resolve_model_path(name_or_path: str, hub: str = "hf", revision: str | None = None) -> Path:
+    """A local folder holding the checkpoint: `name_or_path` itself, or a hub snapshot of it.
+
+    Raises:
+        VlmtuneError: the folder does not exist and the hub cannot be reached, or the id is unknown.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:
+        raise VlmtuneError(f"model {name_or_path!r}: no such folder, and it is not a hub id like 'Qwen/Qwen2-VL-2B-Instruct'")
+    try:
+        if hub == "modelscope":
+            try:
+                from modelscope import snapshot_download
+            except ImportError:
+                raise VlmtuneError("hub 'modelscope' needs the modelscope package: pip install 'vlmtune[modelscope]'") from None
+            return Path(snapshot_download(name_or_path, revision=revision or "master"))
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(name_or_path, revision=revision))
+    except VlmtuneError:
+        raise
+    except Exception as e:  # network errors come in many classes across the two hubs
+        raise VlmtuneError(
+            f"could not fetch model {name_or_path!r} from {hub} ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+            "Without network access, download it elsewhere and pass the local folder as model.name_or_path.") from None
+
+
+def pick_dtype(name: str) -> torch.dtype:
+    """'auto' is bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def _check_remote_code(path: Path, trust_remote_code: bool) -> None:
+    config = json.loads((path / "config.json").read_text())
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if config.get("model_type") not in CONFIG_MAPPING and "auto_map" in config and not trust_remote_code:
+        raise VlmtuneError(
+            f"{path}: model_type {config.get('model_type')!r} is not built into transformers and exists only as "
+            "remote code in the model folder. vlmtune does not run code from model folders unless you set "
+            "model.trust_remote_code=true (read that code first).")
+
+
+def load_processor(path: Path, family: Family, min_pixels: int | None = None, max_pixels: int | None = None,
+                   trust_remote_code: bool = False):
+    from transformers import AutoProcessor
+
+    kwargs = {}
+    if family.pixel_budget:
+        if min_pixels:
+            kwargs["min_pixels"] = min_pixels
+        if max_pixels:
+            kwargs["max_pixels"] = max_pixels
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+    if getattr(processor, "tokenizer", None) is None or getattr(processor, "image_processor", None) is None:
+        raise VlmtuneError(f"{path}: the processor has no tokenizer or image processor; is this a vision-language model?")
+    return processor
+
+
+def load_model(path: Path, dtype: torch.dtype, quantization: str | None = None, trust_remote_code: bool = False,
+               attn_implementation: str | None = None, device_map=None):
+    """The model in `path` as an `AutoModelForImageTextToText`.
+
+    Args:
+        quantization: None, "4bit" or "8bit" (QLoRA, through bitsandbytes on a CUDA device).
+    """
+    from transformers import AutoModelForImageTextToText
+
+    _check_remote_code(path, trust_remote_code)
+    kwargs: dict = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    if quantization:
+        if not torch.cuda.is_available():
+            raise VlmtuneError("QLoRA (4-/8-bit base weights) needs a CUDA device with bitsandbytes; none is available "
+                               "here. Use method: lora on CPU.")
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise VlmtuneError("QLoRA needs bitsandbytes: pip install 'vlmtune[qlora]'") from None
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=quantization == "4bit", load_in_8bit=quantization == "8bit",
+            bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True)
+    return AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+
+
+def load_model_and_processor(name_or_path: str, hub: str = "hf", revision: str | None = None, dtype: str = "auto",
+                             min_pixels: int | None = None, max_pixels: int | None = None,
+                             trust_remote_code: bool = False, quantization: str | None = None):
+    """(model, processor, family, local path) in one call, for commands that just need to run a model."""
+    path = resolve_model_path(name_or_path, hub, revision)
+    family = family_for(path)
+    processor = load_processor(path, family, min_pixels, max_pixels, trust_remote_code)
+    model = load_model(path, pick_dtype(dtype), quantization, trust_remote_code)
+    return model, processor, family, path

@@ -1,0 +1,17 @@
+"""Qwen2.5-VL: window-attention ViT (SwiGLU blocks with gate/up/down_proj), 2x2 merger, Qwen2 LM.
+
+The vision blocks share projection names with the language model, which is why the default
+LoRA regex is anchored on `language_model`.
+"""
+
+from vlmtune.models.family import Family
+
+FAMILY = Family(
+    name="qwen2_5_vl",
+    vision=("model.visual.",),
+    projector=("model.visual.merger.",),
+    language_model=("model.language_model.", "lm_head."),
+    end_of_turn="<|im_end|>",
+    patch_factor=28,
+    pixel_budget=True,
+)

@@ -1,0 +1,182 @@
+"""Random-weight tiny checkpoints with a real processor, tokenizer and chat template.
+
+    vlmtune tiny-model --family qwen2_vl --out tiny/
+
+Tests and the demo use these instead of hub weights (nothing is downloaded). The tokenizer is a
+byte-level BPE trained on the spot on a small corpus, so every string encodes; the special
+tokens and the chat template follow the real family's layout, so prompts look exactly like the
+real model's prompts, only with fewer ids.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from vlmtune.errors import VlmtuneError
+
+# The chat layout of Qwen2-VL / Qwen2.5-VL (ChatML with vision markers). Written for vlmtune;
+# it renders the same text as the official template for image/text content. No whitespace
+# control: the string has no stray whitespace, and the newlines in it are part of the format.
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' or 'image' in part or 'image_url' in part %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'video' or 'video' in part %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in part %}{{ part['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+    "<|image_pad|>", "<|video_pad|>",
+]
+
+# Words the byte-level BPE should know as whole tokens: chat scaffolding, the synthetic caption
+# vocabulary, LaTeX commands and the seeds' prompts. Anything else still encodes byte by byte.
+_CORPUS = [
+    "system user assistant You are a helpful assistant.",
+    "a red green blue yellow circle square triangle and on the left right top bottom of with",
+    "A snow skier assessing the mountain before starting to ski. COCO Yes:",
+    r"\frac \sqrt \alpha \beta \gamma \delta \theta \lambda \mu \pi \sigma \phi \omega \sum \int \infty",
+    r"x^{2} y_{1} \frac{a}{b} \sqrt{x} a+b=c 0 1 2 3 4 5 6 7 8 9 ( ) [ ] { } ^ _ + - = \cdot \times",
+    "你是一个LaText OCR助手,目标是读取用户输入的照片，转换成LaTex公式。这张图对应的LaTex公式是什么？",
+    "What is in the image? Describe the picture. Who are they? What are they doing?",
+]
+
+
+def build_tokenizer(special_tokens: list[str], vocab_size: int = 512, pad_token: str = "<|endoftext|>",
+                    eos_token: str = "<|im_end|>"):
+    """A byte-level BPE `PreTrainedTokenizerFast` trained on `_CORPUS`, with `special_tokens`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=pad_token, eos_token=eos_token,
+                                   additional_special_tokens=[t for t in special_tokens if t not in (pad_token, eos_token)])
+
+
+def _qwen_processor(family: str, tokenizer, patch_size: int, min_pixels: int, max_pixels: int):
+    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    image_processor = Qwen2VLImageProcessor(patch_size=patch_size, merge_size=2, temporal_patch_size=2,
+                                            min_pixels=min_pixels, max_pixels=max_pixels)
+    video_processor = Qwen2VLVideoProcessor(patch_size=patch_size, merge_size=2, temporal_patch_size=2)
+    if family == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLProcessor as cls
+    elif family == "qwen3_vl":
+        from transformers import Qwen3VLProcessor as cls
+        from transformers import Qwen3VLVideoProcessor
+        video_processor = Qwen3VLVideoProcessor(patch_size=patch_size, merge_size=2, temporal_patch_size=2)
+    else:
+        cls = Qwen2VLProcessor
+    return cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
+               chat_template=QWEN_CHAT_TEMPLATE)
+
+
+def _qwen_config(family: str, tokenizer, hidden: int, layers: int, heads: int, vision_dim: int, vision_depth: int):
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+    head_dim = hidden // heads
+    third = head_dim // 2 // 3
+    mrope = [head_dim // 2 - 2 * third, third, third]  # must sum to head_dim / 2
+    text = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2,
+                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+                max_position_embeddings=4096, rms_norm_eps=1e-6, layer_types=["full_attention"] * layers,
+                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope})
+    tokens = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                  vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    if family == "qwen2_vl":
+        from transformers import Qwen2VLConfig as cls
+        vision = dict(depth=vision_depth, embed_dim=vision_dim, hidden_size=hidden, num_heads=max(1, vision_dim // 16),
+                      mlp_ratio=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+    elif family == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLConfig as cls
+        vision = dict(depth=vision_depth, hidden_size=vision_dim, intermediate_size=vision_dim * 2,
+                      num_heads=max(1, vision_dim // 16), out_hidden_size=hidden, patch_size=14, window_size=56,
+                      fullatt_block_indexes=[vision_depth - 1], spatial_merge_size=2, temporal_patch_size=2)
+    elif family == "qwen3_vl":
+        from transformers import Qwen3VLConfig as cls
+        text.pop("layer_types")
+        text["head_dim"] = head_dim
+        text["rope_parameters"]["mrope_interleaved"] = True
+        vision = dict(depth=vision_depth, hidden_size=vision_dim, intermediate_size=vision_dim * 2,
+                      num_heads=max(1, vision_dim // 16), out_hidden_size=hidden, patch_size=16,
+                      num_position_embeddings=64, deepstack_visual_indexes=[0], spatial_merge_size=2,
+                      temporal_patch_size=2)
+    else:
+        raise VlmtuneError(f"no tiny model for family {family!r}")
+    return cls(text_config=text, vision_config=vision, tie_word_embeddings=False, **tokens)
+
+
+TINY_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+
+def build_tiny_model(family: str, out: str | Path, hidden: int = 64, layers: int = 2, heads: int = 4,
+                     vision_dim: int = 32, vision_depth: int = 2, image_size: int = 112, seed: int = 0) -> Path:
+    """Write a random-weight model of `family` with its processor to `out` and return the path.
+
+    The image pixel budget is pinned to `image_size`**2 so that tiny images give few tokens.
+    """
+    from transformers import AutoModelForImageTextToText
+
+    if family not in TINY_FAMILIES:
+        raise VlmtuneError(f"no tiny model for family {family!r}; choose one of {', '.join(TINY_FAMILIES)}")
+    out = Path(out)
+    tokenizer = build_tokenizer(QWEN_SPECIAL_TOKENS)
+    patch = 16 if family == "qwen3_vl" else 14
+    processor = _qwen_processor(family, tokenizer, patch, min_pixels=(patch * 2) ** 2,
+                                max_pixels=max(image_size * image_size, (patch * 2) ** 2))
+    config = _qwen_config(family, tokenizer, hidden, layers, heads, vision_dim, vision_depth)
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config)
+    model.generation_config.eos_token_id = config.text_config.eos_token_id
+    model.generation_config.pad_token_id = config.text_config.pad_token_id
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    (out / "vlmtune_tiny.json").write_text(json.dumps(
+        {"family": family, "hidden": hidden, "layers": layers, "heads": heads, "vision_dim": vision_dim,
+         "vision_depth": vision_depth, "image_size": image_size, "seed": seed}, indent=2))
+    return out
+
+
+def tiny_model_command(*, out: str, family: Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl"] = "qwen2_vl",
+                       hidden: int = 64, layers: int = 2, vision_dim: int = 32, vision_depth: int = 2,
+                       image_size: int = 112, seed: int = 0) -> int:
+    """Build a random-weight tiny checkpoint of a model family, offline.
+
+    Args:
+        out: Folder to write the model, processor, tokenizer and chat template to.
+        family: Model family (config.json model_type).
+        hidden: Hidden size of the language model.
+        layers: Number of language-model layers.
+        vision_dim: Width of the vision encoder.
+        vision_depth: Number of vision-encoder blocks.
+        image_size: Side of the square pixel budget the processor resizes images to.
+        seed: Random seed for the weights.
+    """
+    path = build_tiny_model(family, out, hidden=hidden, layers=layers, vision_dim=vision_dim,
+                            vision_depth=vision_depth, image_size=image_size, seed=seed)
+    n = sum(p.numel() for p in __import__("safetensors.torch", fromlist=["load_file"]).load_file(
+        str(path / "model.safetensors")).values())
+    print(f"wrote tiny {family} ({n / 1e6:.2f}M parameters) to {path}")
+    return 0

@@ -1,0 +1,227 @@
+"""Fine-tune a vision-language model.
+
+    vlmtune train configs/qwen2_vl_latex_ocr.yaml train.max_steps=200
+    accelerate launch -m vlmtune.train configs/qwen2_vl_latex_ocr.yaml        # several GPUs
+    torchrun --nproc_per_node 2 -m vlmtune.train configs/demo.yaml             # or torchrun
+
+Reads straight down: config -> processor -> data (pre-flight checked) -> model -> adapters ->
+Trainer -> save. The loop is transformers' Trainer (accelerate, DeepSpeed and FSDP underneath);
+vlmtune adds the collator, the per-part optimizer groups and complete checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from vlmtune.callbacks import CompleteCheckpoints, JsonlMetrics
+from vlmtune.config import RunConfig, load_config, save_config
+from vlmtune.data.check import apply_policy, check_samples
+from vlmtune.data.collate import Collator, EncodedDataset
+from vlmtune.data.encode import Encoder
+from vlmtune.data.sample import Sample
+from vlmtune.errors import ConfigError
+from vlmtune.models import family_for
+from vlmtune.models.load import load_model, load_processor, pick_dtype, resolve_model_path
+from vlmtune.tuning import param_groups, prepare_model, trainable_summary
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def log(message: str) -> None:
+    if is_main_process():
+        print(message, flush=True)
+
+
+class VLMTrainer(Trainer):
+    """`Trainer` with one change: optimizer groups per model part, for vision_lr/projector_lr."""
+
+    def __init__(self, *args, family=None, train_config=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.family = family
+        self.train_config = train_config
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            model = model or self.model
+            decay = set(self.get_decay_parameter_names(model))
+            groups = param_groups(model, self.family, self.train_config, decay)
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+            optimizer_kwargs.pop("lr", None)
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+
+def split_val(samples: list[Sample], size: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """A reproducible validation split: `size` samples (>= 1) or a fraction (< 1)."""
+    n_val = int(size) if size >= 1 else round(size * len(samples))
+    if n_val <= 0:
+        return samples, []
+    if n_val >= len(samples):
+        raise ConfigError(f"data.val_size={size} leaves no training samples (the file has {len(samples)})")
+    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()
+    val_idx = set(order[:n_val])
+    return [s for i, s in enumerate(samples) if i not in val_idx], [samples[i] for i in sorted(val_idx)]
+
+
+def load_data(config: RunConfig) -> tuple[list[Sample], list[Sample]]:
+    from vlmtune.data.formats import load_samples
+
+    if not config.data.train:
+        raise ConfigError("data.train is not set: give the training file, e.g. data.train=data/train.json")
+    train = load_samples(config.data.train, config.data.format)
+    if config.data.val:
+        return train, load_samples(config.data.val, config.data.format)
+    return split_val(train, config.data.val_size, config.data.seed)
+
+
+def preflight(samples: list[Sample], encoder: Encoder, config: RunConfig, out: Path, name: str) -> list[Sample]:
+    report = check_samples(samples, encoder, config.data.max_length, progress=is_main_process())
+    log(f"{name} data: {report.summary()}")
+    return apply_policy(samples, report, config.data.on_bad_sample, out / f"rejected_{name}.jsonl")
+
+
+def training_arguments(config: RunConfig, out: Path, has_val: bool) -> TrainingArguments:
+    t = config.train
+    dtype = pick_dtype(config.model.dtype)
+    report_to = t.report_to or ["none"]
+    if "swanlab" in report_to and not os.environ.get("SWANLAB_API_KEY") and "SWANLAB_MODE" not in os.environ:
+        os.environ["SWANLAB_MODE"] = "local"  # no API key: log to files, view with `swanlab watch`
+        os.environ.setdefault("SWANLAB_LOG_DIR", str(out / "swanlog"))
+    os.environ.setdefault("SWANLAB_PROJECT", t.project)
+    os.environ.setdefault("WANDB_PROJECT", t.project)
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / "tensorboard"))
+    eval_strategy = "no" if not has_val else ("steps" if t.eval_steps else "epoch")
+    return TrainingArguments(
+        output_dir=str(out),
+        run_name=t.run_name or out.name,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.learning_rate,
+        weight_decay=t.weight_decay,
+        warmup_steps=t.warmup_ratio,  # transformers 5: a float < 1 is a fraction of the steps
+        lr_scheduler_type=t.lr_scheduler,
+        max_grad_norm=t.max_grad_norm,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        eval_strategy=eval_strategy,
+        eval_steps=t.eval_steps,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16 and t.method != "full",
+        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        dataloader_num_workers=config.data.num_workers,
+        remove_unused_columns=False,
+        label_names=["labels"],
+        report_to=report_to,
+        seed=t.seed,
+        deepspeed=t.deepspeed,
+        ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() else None,
+        ddp_find_unused_parameters=False,
+        save_only_model=False,
+        include_num_input_tokens_seen="non_padding",
+    )
+
+
+def resume_point(config: RunConfig, out: Path) -> str | None:
+    t = config.train
+    if isinstance(t.resume, str):
+        if not Path(t.resume).is_dir():
+            raise ConfigError(f"train.resume={t.resume}: no such checkpoint folder")
+        return t.resume
+    last = get_last_checkpoint(str(out)) if out.is_dir() else None
+    if t.resume:
+        if last is None:
+            log(f"train.resume=true but {out} holds no checkpoint yet: starting from the beginning")
+        return last
+    if last is not None:
+        raise ConfigError(f"{out} already holds checkpoints ({Path(last).name}). Set train.resume=true to continue "
+                          "that run, or choose a new train.output_dir.")
+    return None
+
+
+def train(config: RunConfig) -> Path:
+    """Run one fine-tuning job described by `config`; returns the run folder."""
+    out = Path(config.train.output_dir)
+    resume_from = resume_point(config, out)
+    path = resolve_model_path(config.model.name_or_path, config.model.hub, config.model.revision)
+    family = family_for(path)
+    processor = load_processor(path, family, config.data.min_pixels, config.data.max_pixels,
+                               config.model.trust_remote_code)
+    encoder = Encoder(processor, family, prompt=config.data.prompt, system_prompt=config.data.system_prompt,
+                      image_size=tuple(config.data.image_size) if config.data.image_size else None,
+                      max_length=config.data.max_length)
+
+    out.mkdir(parents=True, exist_ok=True)
+    train_samples, val_samples = load_data(config)
+    train_samples = preflight(train_samples, encoder, config, out, "train")
+    if val_samples:
+        val_samples = preflight(val_samples, encoder, config, out, "val")
+    if is_main_process():
+        save_config(config, out)
+
+    quantization = "4bit" if config.train.method == "qlora" else None
+    model = load_model(path, pick_dtype(config.model.dtype), quantization, config.model.trust_remote_code,
+                       config.model.attn_implementation)
+    model = prepare_model(model, family, config.train, config.lora, config.train.gradient_checkpointing)
+    log(f"model {config.model.name_or_path} ({family.name}), method {config.train.method}: "
+        f"{trainable_summary(model, family)}")
+
+    pad_id = processor.tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = processor.tokenizer.eos_token_id
+    callbacks = [JsonlMetrics(out / "metrics.jsonl"), CompleteCheckpoints(config, processor)]
+    if val_samples and config.eval.num_samples > 0:
+        from vlmtune.evaluate import GenerationEvalCallback
+
+        callbacks.append(GenerationEvalCallback(config, encoder, val_samples[: config.eval.num_samples], out))
+    trainer = VLMTrainer(
+        model=model,
+        args=training_arguments(config, out, bool(val_samples)),
+        train_dataset=EncodedDataset(train_samples, encoder),
+        eval_dataset=EncodedDataset(val_samples, encoder) if val_samples else None,
+        data_collator=Collator(pad_id),
+        callbacks=callbacks,
+        family=family,
+        train_config=config.train,
+    )
+    trainer.train(resume_from_checkpoint=resume_from)
+
+    final = out / "final"
+    trainer.save_model(str(final))
+    if is_main_process():
+        processor.save_pretrained(final)
+        save_config(config, final)
+        log(f"done: run folder {out}, final weights in {final}")
+    return out
+
+
+def train_command(config: str, overrides: list[str]) -> int:
+    """Fine-tune a model from a YAML config, with dotted key=value overrides.
+
+    Args:
+        config: YAML config file (see configs/); its sections are model, data, lora, train, eval.
+        overrides: Dotted overrides such as train.max_steps=100 lora.r=8 (unknown keys are an error).
+    """
+    train(load_config(config, overrides))
+    return 0
+
+
+if __name__ == "__main__":  # `torchrun -m vlmtune.train CONFIG [key=value ...]`
+    from vlmtune.cli import main
+
+    sys.exit(main(["train", *sys.argv[1:]]))
