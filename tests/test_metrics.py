@@ -90,7 +90,9 @@ def test_text_tokenisers():
 
 
 def test_tokenize_latex():
-    assert tokenize_latex(r"\frac{a b}{c}\,x^{12}") == ["\\frac", "{", "a", "b", "}", "{", "c", "}", "\\,", "x", "^", "{", "1", "2", "}"]
+    assert tokenize_latex(r"\frac{a b}{c}\,x^{12}") == [
+        "\\frac", "{", "a", "b", "}", "{", "c", "}", "\\,", "x", "^", "{", "1", "2", "}"
+    ]
     assert tokenize_latex(r"\alpha\beta \\ \{x\} \ y") == ["\\alpha", "\\beta", "\\\\", "\\{", "x", "\\}", "\\ ", "y"]
     assert tokenize_latex("a\\") == ["a", "\\"]
 
@@ -269,6 +271,10 @@ def test_render_match():
     # mathtext cannot draw environments: for such a reference the normalised strings decide.
     assert render_match("\\begin{matrix} a \\end{matrix}", ["\\begin{matrix}a\\end{matrix}"]) == (True, False)
     assert render_match("", [""]) == (True, True)
+    # mathtext's fonts have no CJK glyphs and would draw every such character as the same box;
+    # repeats must agree although mathtext only warns on the first parse.
+    assert render("\\mathrm{中}") is None and render("\\mathrm{中}") is None
+    assert render_match("\\mathrm{中}", ["\\mathrm{国}"]) == (False, False)
     # An unescaped "$" would leave math mode ("$x$+$y$" is two formulas around text): unparseable.
     assert render("x$+$y") is None and render("\\$5") is not None
 

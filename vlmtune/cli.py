@@ -1,7 +1,8 @@
 """The `vlmtune` command: a plain table from command name to function.
 
 Each command is one typed function; its signature is its command line. Parameters without a
-default are positional (keyword-only ones are required `--options`), the others are `--options`; the `Args:` section of the function's
+default are positional (keyword-only ones are required `--options`), the others are `--options`
+(positional-only ones, before `/`, are optional positionals); the `Args:` section of the function's
 docstring is the `--help` text. Run `vlmtune --help` for the list.
 """
 
@@ -91,6 +92,8 @@ def build_parser(fn, prog: str, summary: str) -> argparse.ArgumentParser:
             parser.add_argument("--" + name.replace("_", "-"), dest=name, required=True, **kwargs)
         elif param.default is inspect.Parameter.empty:
             parser.add_argument(name, **kwargs)
+        elif param.kind == param.POSITIONAL_ONLY:  # `def f(target=None, /)`: an optional positional
+            parser.add_argument(name, nargs="?", default=param.default, **kwargs)
         else:
             if param.default is not None and tp is not bool:
                 kwargs["help"] = f"{help_text} (default: {param.default})".strip()
@@ -136,7 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     fn = _load(target)
     args = build_parser(fn, f"vlmtune {name}", summary).parse_args(rest)
     try:
-        result = fn(**vars(args))
+        values = vars(args)
+        params = inspect.signature(fn).parameters.values()
+        positional = [values.pop(p.name) for p in params if p.kind == p.POSITIONAL_ONLY]
+        result = fn(*positional, **values)
     except VlmtuneError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

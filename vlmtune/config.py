@@ -94,8 +94,7 @@ class EvalConfig:
     task: Literal["ocr", "latex", "caption", "generic"] | None = None  # metrics to compute; None: generic
     max_new_tokens: int | None = None  # None: derived from the references
     batch_size: int = 8
-    num_samples: int = 16  # validation samples generated on during training (0: none)
-    steps: int | None = None  # generate every N steps during training; None: only at the end
+    num_samples: int = 16  # validation samples generated on at every evaluation during training (0: none)
 
 
 @dataclass

@@ -154,7 +154,7 @@ def load_for_eval(target: Target):
     return model.eval(), processor, family
 
 
-def eval_command(target: str | None = None, model: str | None = None, adapter: str | None = None,
+def eval_command(target: str | None = None, /, model: str | None = None, adapter: str | None = None,
                  data: str | None = None, task: str | None = None, compare_base: bool = False, batch_size: int = 8,
                  max_new_tokens: int | None = None, limit: int | None = None, out: str | None = None) -> int:
     """Evaluate a run, checkpoint or model on a dataset with task metrics.

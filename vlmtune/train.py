@@ -28,6 +28,7 @@ from vlmtune.data.sample import Sample
 from vlmtune.errors import ConfigError
 from vlmtune.models import family_for
 from vlmtune.models.load import load_model, load_processor, pick_dtype, resolve_model_path
+from vlmtune.tracking import start_trackers
 from vlmtune.tuning import param_groups, prepare_model, trainable_summary
 
 
@@ -41,22 +42,42 @@ def log(message: str) -> None:
 
 
 class VLMTrainer(Trainer):
-    """`Trainer` with one change: optimizer groups per model part, for vision_lr/projector_lr."""
+    """`Trainer` with two additions: optimizer groups per model part (vision_lr, projector_lr), and
+    generation on a fixed validation subset at every evaluation, its task metrics logged as
+    `val_<metric>` and its (image, prediction, reference) triples sent to the trackers."""
 
-    def __init__(self, *args, family=None, train_config=None, **kwargs):
+    def __init__(self, *args, family=None, run_config: RunConfig | None = None, encoder: Encoder | None = None,
+                 gen_samples: list[Sample] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.family = family
-        self.train_config = train_config
+        self.run_config = run_config
+        self.encoder = encoder
+        self.gen_samples = gen_samples or []
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
             model = model or self.model
             decay = set(self.get_decay_parameter_names(model))
-            groups = param_groups(model, self.family, self.train_config, decay)
+            groups = param_groups(model, self.family, self.run_config.train, decay)
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
             optimizer_kwargs.pop("lr", None)
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
+
+    def evaluate(self, *args, **kwargs):
+        metrics = super().evaluate(*args, **kwargs)
+        if self.gen_samples and self.is_world_process_zero():
+            from vlmtune.evaluate import generate, score
+            from vlmtune.tracking import log_predictions
+
+            c = self.run_config.eval
+            predictions = generate(self.model, self.encoder, self.gen_samples, c.batch_size, c.max_new_tokens,
+                                   progress=False)
+            gen_metrics, rows = score(c.task or "generic", self.gen_samples, predictions)
+            self.log({f"val_{k}": v for k, v in gen_metrics.items()})
+            log_predictions(self, rows, self.state.global_step)
+            metrics.update({f"val_{k}": v for k, v in gen_metrics.items()})
+        return metrics
 
 
 def split_val(samples: list[Sample], size: float, seed: int) -> tuple[list[Sample], list[Sample]]:
@@ -92,12 +113,6 @@ def training_arguments(config: RunConfig, out: Path, has_val: bool) -> TrainingA
     t = config.train
     dtype = pick_dtype(config.model.dtype)
     report_to = t.report_to or ["none"]
-    if "swanlab" in report_to and not os.environ.get("SWANLAB_API_KEY") and "SWANLAB_MODE" not in os.environ:
-        os.environ["SWANLAB_MODE"] = "local"  # no API key: log to files, view with `swanlab watch`
-        os.environ.setdefault("SWANLAB_LOG_DIR", str(out / "swanlog"))
-    os.environ.setdefault("SWANLAB_PROJECT", t.project)
-    os.environ.setdefault("WANDB_PROJECT", t.project)
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / "tensorboard"))
     eval_strategy = "no" if not has_val else ("steps" if t.eval_steps else "epoch")
     return TrainingArguments(
         output_dir=str(out),
@@ -181,14 +196,12 @@ def train(config: RunConfig) -> Path:
     log(f"model {config.model.name_or_path} ({family.name}), method {config.train.method}: "
         f"{trainable_summary(model, family)}")
 
+    if is_main_process():
+        start_trackers(config, out)
     pad_id = processor.tokenizer.pad_token_id
     if pad_id is None:
         pad_id = processor.tokenizer.eos_token_id
     callbacks = [JsonlMetrics(out / "metrics.jsonl"), CompleteCheckpoints(config, processor)]
-    if val_samples and config.eval.num_samples > 0:
-        from vlmtune.evaluate import GenerationEvalCallback
-
-        callbacks.append(GenerationEvalCallback(config, encoder, val_samples[: config.eval.num_samples], out))
     trainer = VLMTrainer(
         model=model,
         args=training_arguments(config, out, bool(val_samples)),
@@ -197,7 +210,9 @@ def train(config: RunConfig) -> Path:
         data_collator=Collator(pad_id),
         callbacks=callbacks,
         family=family,
-        train_config=config.train,
+        run_config=config,
+        encoder=encoder,
+        gen_samples=val_samples[: config.eval.num_samples],
     )
     trainer.train(resume_from_checkpoint=resume_from)
 

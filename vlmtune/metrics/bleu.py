@@ -22,7 +22,9 @@ def ngram_counts(tokens: list[str], max_n: int = MAX_N) -> Counter:
     return Counter(tuple(tokens[i : i + n]) for n in range(1, max_n + 1) for i in range(len(tokens) - n + 1))
 
 
-def bleu_stats(hypothesis: list[str], references: list[list[str]], max_n: int = MAX_N) -> tuple[int, int, list[int], list[int]]:
+def bleu_stats(
+    hypothesis: list[str], references: list[list[str]], max_n: int = MAX_N
+) -> tuple[int, int, list[int], list[int]]:
     """What one sample adds to corpus BLEU.
 
     Returns:

@@ -24,7 +24,9 @@ MAX_N = 4
 SIGMA = 6.0
 
 
-def cider_d(candidates: list[list[str]], references: list[list[list[str]]], sigma: float = SIGMA) -> tuple[float, list[float]]:
+def cider_d(
+    candidates: list[list[str]], references: list[list[list[str]]], sigma: float = SIGMA
+) -> tuple[float, list[float]]:
     """CIDEr-D of token-list candidates; references[i] holds the token lists for candidates[i].
 
     Returns:

@@ -14,7 +14,8 @@ ocr, latex (strings normalised first: `normalize_text` for ocr, `normalize_latex
 latex only
     render_match   fraction of predictions that mathtext draws identically to a reference
                    (see `latex_render`)
-    unparseable    fraction of predictions mathtext cannot parse (these never match)
+    unparseable    fraction of predictions mathtext cannot parse, or cannot draw for lack of a
+                   glyph (these never match)
 caption (strings tokenised by `caption_tokens`: lowercase, punctuation removed)
     bleu4          corpus BLEU-4 with COCO's closest-reference brevity penalty
     cider          CIDEr-D as in pycocoevalcap, in [0, 10] (papers print x100)
@@ -202,7 +203,10 @@ def _check_task(task: str) -> str:
 def _reference_lists(predictions: list[str], references: list[str] | list[list[str]]) -> list[list[str]]:
     """Every sample's references as a non-empty list of strings."""
     if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions but {len(references)} references; pass one reference (or list of references) per prediction")
+        raise ValueError(
+            f"{len(predictions)} predictions but {len(references)} references; "
+            "pass one reference (or list of references) per prediction"
+        )
     lists = []
     for i, refs in enumerate(references):
         refs = [refs] if isinstance(refs, str) else list(refs)

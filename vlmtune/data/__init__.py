@@ -1,0 +1,1 @@
+"""Data layer: formats in and out, pre-flight checks, encoding, synthetic datasets."""
