@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Literal
@@ -216,7 +216,8 @@ def merge(checkpoint: str | Path, out: str | Path, tolerance: float = 1e-4, dtyp
 
     out.parent.mkdir(parents=True, exist_ok=True)
     # written beside `out` so the final os.replace is a rename on the same file system
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.merging-", dir=out.parent))
+    tmp = out.parent / f".{out.name}.merging-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()  # not mkdtemp: that makes a private (0700) folder, and this one becomes `out`
     try:
         log(f"saving the merged model (fp32) to {tmp} ...")
         save_merged(merged, processor, tmp)
@@ -267,7 +268,7 @@ def _write_cast(model, folder: Path, dtype: torch.dtype, batch: dict, reference:
                 trust_remote_code: bool, device: str) -> dict:
     """Replace the verified fp32 weights in `folder` with their cast to `dtype`, and check that
     the file holds exactly that cast."""
-    log(f"casting to {dtype} and saving ...")
+    log(f"casting the weights to {str(dtype).removeprefix('torch.')} and saving ...")
     model = model.to(dtype)
     _remove_weights(folder)  # a different dtype can shard differently: no stale files
     model.save_pretrained(folder, safe_serialization=True)
