@@ -42,7 +42,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         ImageDraw.Draw(image).ellipse((20, 20, 90, 90), fill=colour)
         image.save(root / "data" / "images" / f"{i}.png")
         records.append({"id": str(i), "image": f"images/{i}.png", "conversations": [
-            {"role": "user", "content": "<image>\nCOCO Yes:"}, {"role": "assistant", "content": f"a {colour} {shape}"}]})
+            {"role": "user", "content": "<image>\nCOCO Yes:"},
+            {"role": "assistant", "content": f"a {colour} {shape}"}]})
     data = root / "data" / "train.json"
     data.write_text(json.dumps(records))
     out = {"tiny": tiny, "data": data, "root": root}
@@ -91,8 +92,9 @@ def test_round_trip_with_plain_transformers(runs, merged, name):
     assert processor.chat_template and "<|im_start|>" in processor.chat_template
     batch = probe_batch(processor, runs["data"].parent / "images" / "1.png")
     got = logits(plain(out), batch)
-    reference = logits(PeftModel.from_pretrained(plain(runs["tiny"]), final), batch)
-    untrained = logits(plain(runs["tiny"]), batch)
+    base = plain(runs["tiny"])
+    untrained = logits(base, batch)
+    reference = logits(PeftModel.from_pretrained(base, final), batch)
     assert (got - reference).abs().max().item() <= TOL
     assert (got - untrained).abs().max().item() > 0.05  # the adapter mattered, and it is in the weights
 
@@ -111,16 +113,15 @@ def test_modules_to_save_end_up_in_the_plain_weights(runs, merged):
     final = runs["projector"] / "final"
     saved = json.loads((final / "adapter_config.json").read_text())["modules_to_save"]
     assert saved and any("merger" in m for m in saved)
-    adapter = load_file(final / "adapter_model.safetensors")
-    weights = load_file(merged["projector"][0] / "model.safetensors")
-    base = load_file(runs["tiny"] / "model.safetensors")
-    trained = {k: v for k, v in adapter.items() if ".modules_to_save." in k}
-    assert trained
-    for key, value in trained.items():
-        # base_model.model.model.visual.merger.modules_to_save.default.mlp.0.weight -> model.visual.merger.mlp.0.weight
-        name = re.sub(r"\.modules_to_save\.default", "", key.removeprefix("base_model.model."))
-        assert torch.equal(weights[name], value)
-    assert any(not torch.equal(base[k], weights[k]) for k in base if ".merger." in k)
+    # peft stores a modules_to_save module whole, under its own name
+    adapter = {k.removeprefix("base_model.model."): v for k, v in
+               load_file(final / "adapter_model.safetensors").items() if ".merger." in k}
+    assert adapter
+    weights = plain(merged["projector"][0]).state_dict()
+    base = plain(runs["tiny"]).state_dict()
+    for name, value in adapter.items():
+        assert torch.equal(weights[name], value), name
+    assert any(not torch.equal(base[name], value) for name, value in adapter.items())  # it was trained
 
 
 def test_bf16_output_is_the_cast_of_the_verified_weights(runs, merged, tmp_path):
@@ -162,7 +163,7 @@ def test_a_corrupted_merge_is_caught_and_leaves_nothing(runs, tmp_path, monkeypa
         # what a buggy merge or a bad write would do: one merged LoRA weight is off on disk
         real_save(model, processor, folder)
         weights = load_file(folder / "model.safetensors")
-        name = next(k for k in weights if "language_model" in k and k.endswith("q_proj.weight"))
+        name = next(k for k in weights if k.endswith("layers.0.self_attn.q_proj.weight"))
         weights[name][0, 0] += 0.5
         save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
 

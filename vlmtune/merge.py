@@ -200,12 +200,17 @@ def merge(checkpoint: str | Path, out: str | Path, tolerance: float = 1e-4, dtyp
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
     log(f"loading base model {m.name_or_path} in fp32 and the adapter from {ckpt} ...")
+    # transformers' default attention on both sides (not model.attn_implementation): the reload
+    # below is what a plain from_pretrained gives, and the two must run the same kernels
     base = load_model(base_path, torch.float32, trust_remote_code=m.trust_remote_code).to(device)
     model = PeftModel.from_pretrained(base, ckpt, is_trainable=False).eval()
     log(f"computing reference logits on {n_tokens} tokens: {batch_source} ...")
     reference = logits_of(model, batch)
     with model.disable_adapter():
         adapter_effect = (logits_of(model, batch) - reference).abs().max().item()
+    if adapter_effect == 0:
+        log("note: the adapter does not change the logits on this batch (an untrained checkpoint?); "
+            "the merged model will equal the base model")
 
     log("merging the adapter into the base weights ...")
     try:

@@ -72,7 +72,8 @@ def header(run: RunData) -> str:
     times = [r["time"] for r in run.metrics if "time" in r]
     when = fmt_time(times[0]) if times else fmt_time(run.config_mtime)
     if times and fmt_time(times[-1]) != when:
-        when += f" → {fmt_time(times[-1])}"
+        end = fmt_time(times[-1])
+        when += f" → {end[11:] if end[:10] == when[:10] else end}"  # the end's date only when it differs
     runtime = last(run.metrics, "train_runtime")
     if runtime is None and len(times) > 1:
         runtime = times[-1] - times[0]
@@ -180,16 +181,39 @@ def diff_html(reference: str, prediction: str) -> str:
     prediction lacks in <ins class="miss">, text it has in excess in <del class="extra">
     (the edits that would turn the prediction into the reference)."""
     out = []
+    for ref_part, pred_part in diff_segments(reference, prediction):
+        if ref_part == pred_part:
+            out.append(esc(pred_part))
+            continue
+        if pred_part:
+            out.append(f"<del class=\"extra\" title=\"extra in the prediction\">{esc(pred_part)}</del>")
+        if ref_part:
+            out.append(f"<ins class=\"miss\" title=\"missing from the prediction\">{esc(ref_part)}</ins>")
+    return "".join(out)
+
+
+def diff_segments(reference: str, prediction: str) -> list[tuple[str, str]]:
+    """(reference part, prediction part) pairs from difflib's opcodes; equal parts are equal pairs.
+
+    A match of one or two characters between two changes ("squa[r]e" against "ci[r]cle") is
+    folded into one change: marking it reads as noise, while "square -> circle" reads as a word.
+    """
+    segments: list[list[str]] = []  # [ref, pred, "equal" | "change"]
     matcher = difflib.SequenceMatcher(None, reference, prediction, autojunk=False)
     for op, r1, r2, p1, p2 in matcher.get_opcodes():
-        if op == "equal":
-            out.append(esc(prediction[p1:p2]))
-            continue
-        if op in ("replace", "insert"):
-            out.append(f"<del class=\"extra\" title=\"extra in the prediction\">{esc(prediction[p1:p2])}</del>")
-        if op in ("replace", "delete"):
-            out.append(f"<ins class=\"miss\" title=\"missing from the prediction\">{esc(reference[r1:r2])}</ins>")
-    return "".join(out)
+        segments.append([reference[r1:r2], prediction[p1:p2], "equal" if op == "equal" else "change"])
+    for i in range(1, len(segments) - 1):
+        if segments[i][2] == "equal" and len(segments[i][0]) <= 2 and \
+                segments[i - 1][2] == segments[i + 1][2] == "change":
+            segments[i][2] = "change"
+    merged: list[list[str]] = []
+    for ref, pred, kind in segments:
+        if merged and kind == "change" and merged[-1][2] == "change":
+            merged[-1][0] += ref
+            merged[-1][1] += pred
+        else:
+            merged.append([ref, pred, kind])
+    return [(ref, pred) for ref, pred, _ in merged]
 
 
 def references_of(record: dict) -> list[str]:
@@ -373,9 +397,8 @@ td.same { color: #667085; }
 .card { border: 1px solid #dde1e7; border-left: 4px solid #b3261e; border-radius: 6px; padding: 8px;
         min-width: 0; }
 .card.ok { border-left-color: #137333; }
-.thumbs { display: flex; gap: 4px; justify-content: center; background: #f7f8fa; border-radius: 4px;
-          min-height: 60px; }
-.thumb { max-width: 100%; max-height: 224px; object-fit: contain; }
+.thumbs { display: flex; gap: 4px; justify-content: center; align-items: center; min-height: 60px; }
+.thumb { max-width: 100%; max-height: 224px; object-fit: contain; border: 1px solid #eceff3; }
 .noimg { padding: 20px 8px; color: #667085; font-size: 12px; text-align: center; }
 .meta { margin: 6px 0 2px; font-size: 12px; } .source { font-size: 11px; }
 .label { font-size: 11px; text-transform: uppercase; letter-spacing: .04em; color: #667085; margin-top: 4px; }

@@ -11,6 +11,7 @@ import io
 from dataclasses import dataclass
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from vlmtune.report.run import series
 
@@ -39,6 +40,7 @@ def _axes(width: float, height: float, title: str, ylabel: str | None = None):
     if ylabel:
         ax.set_ylabel(ylabel, fontsize=9)
     ax.tick_params(labelsize=8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     ax.grid(True, alpha=0.3)
     return fig, ax
 
