@@ -97,6 +97,8 @@ def build_parser(fn, prog: str, summary: str) -> argparse.ArgumentParser:
         else:
             if param.default is not None and tp is not bool:
                 kwargs["help"] = f"{help_text} (default: {param.default})".strip()
+            if origin is list:  # `--prompt a --prompt b` adds up instead of keeping only the last
+                kwargs["action"] = "extend"
             parser.add_argument("--" + name.replace("_", "-"), dest=name, default=param.default, **kwargs)
     return parser
 

@@ -9,6 +9,7 @@ checkpoint, so later commands (eval, merge, chat) need nothing but that folder.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -80,6 +81,7 @@ class TrainConfig:
     save_steps: int = 100
     save_total_limit: int | None = None
     eval_steps: int | None = None  # validation loss every N steps; None: at the end of each epoch
+    eval_on_start: bool = False  # also evaluate before the first step (a "before" point on the curves)
     seed: int = 42
     report_to: list[str] = field(default_factory=list)  # tensorboard, swanlab, wandb
     output_dir: str = "runs/run"  # the run folder
@@ -104,6 +106,9 @@ class RunConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _convert(value, tp, where: str):
@@ -135,6 +140,8 @@ def _convert(value, tp, where: str):
         raise ConfigError(f"{where}: expected true or false, got {value!r}")
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+        return float(value)  # PyYAML (YAML 1.1) reads 1e-4, with no dot, as a string; learning rates look like that
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if tp is str and isinstance(value, str):

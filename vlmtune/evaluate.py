@@ -38,8 +38,11 @@ def derive_max_new_tokens(tokenizer, samples: list[Sample]) -> int:
 
 @torch.no_grad()
 def generate(model, encoder: Encoder, samples: list[Sample], batch_size: int = 8, max_new_tokens: int | None = None,
-             progress: bool = True, desc: str = "generating") -> list[str]:
-    """Greedy answers to the prompt turns of `samples`, in order, `batch_size` at a time."""
+             progress: bool = True, desc: str = "generating", streamer=None) -> list[str]:
+    """Greedy answers to the prompt turns of `samples`, in order, `batch_size` at a time.
+
+    `streamer` (a transformers `TextStreamer`, batch_size 1 only) receives tokens as they come.
+    """
     tokenizer = encoder.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     max_new_tokens = max_new_tokens or derive_max_new_tokens(tokenizer, samples)
@@ -53,7 +56,8 @@ def generate(model, encoder: Encoder, samples: list[Sample], batch_size: int = 8
     for start in range(0, len(samples), batch_size):
         batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(samples)))])
         batch = {k: v.to(device) for k, v in batch.items()}
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
+                             streamer=streamer)
         new_tokens = out[:, batch["input_ids"].shape[1]:]
         answers += [a.strip() for a in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
         bar.update(len(new_tokens))
@@ -63,14 +67,18 @@ def generate(model, encoder: Encoder, samples: list[Sample], batch_size: int = 8
     return answers
 
 
+def prompt_text(sample: Sample) -> str:
+    """The user messages a model answers, placeholders removed: the `prompt` field of result rows."""
+    return "\n".join(t.text.replace(IMAGE, "").strip() for t in sample.prompt_turns() if t.role == "user")
+
+
 def score(task: str, samples: list[Sample], predictions: list[str]) -> tuple[dict[str, float], list[dict]]:
     """Corpus metrics and one row per sample (the predictions.jsonl schema)."""
     references = [s.answer() for s in samples]
     metrics = compute_metrics(task, predictions, references)
     rows = []
     for i, (sample, prediction) in enumerate(zip(samples, predictions)):
-        prompt = "\n".join(t.text.replace(IMAGE, "").strip() for t in sample.prompt_turns() if t.role == "user")
-        rows.append({"index": i, "source": sample.source, "images": sample.images, "prompt": prompt,
+        rows.append({"index": i, "source": sample.source, "images": sample.images, "prompt": prompt_text(sample),
                      "reference": sample.answer(), "prediction": prediction,
                      "scores": sample_scores(task, prediction, sample.answer())})
     return metrics, rows

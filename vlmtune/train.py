@@ -134,6 +134,7 @@ def training_arguments(config: RunConfig, out: Path, has_val: bool) -> TrainingA
         save_total_limit=t.save_total_limit,
         eval_strategy=eval_strategy,
         eval_steps=t.eval_steps,
+        eval_on_start=t.eval_on_start and has_val,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16 and t.method != "full",
         activation_checkpointing=t.gradient_checkpointing,

@@ -264,7 +264,7 @@ def prepare(args: PrepareArgs, out: str | Path) -> dict:
     return record
 
 
-def prepare_command(recipe: Literal["latex-ocr", "coco-caption"] | None = None, *, out: str,
+def prepare_command(recipe: Literal["latex-ocr", "coco-caption"] | None = None, /, *, out: str,
                     source: Literal["modelscope", "hf"] = "modelscope", dataset: str | None = None,
                     subset: str | None = None, split: str = "train", image_column: str | None = None,
                     text_column: str | None = None, id_column: str | None = None, local: str | None = None,
