@@ -25,9 +25,7 @@ from vlmtune.data.collate import Collator, EncodedDataset
 from vlmtune.data.encode import Encoder
 from vlmtune.data.sample import IMAGE, Sample
 from vlmtune.errors import VlmtuneError
-from vlmtune.metrics import compute_metrics, primary_metric, sample_scores
-
-LOWER_IS_BETTER = {"cer", "edit_distance", "unparseable"}
+from vlmtune.metrics import compute_metrics, lower_is_better, primary_metric, sample_scores
 
 
 def derive_max_new_tokens(tokenizer, samples: list[Sample]) -> int:
@@ -103,7 +101,7 @@ def comparison_table(before: dict[str, float], after: dict[str, float], names=("
         if key not in before:
             continue
         delta = after[key] - before[key]
-        better = delta < 0 if key in LOWER_IS_BETTER else delta > 0
+        better = delta < 0 if lower_is_better(key) else delta > 0
         mark = "" if abs(delta) < 1e-12 else (" +" if better else " -")
         lines.append(f"{key:<16}{before[key]:>10.4f}{after[key]:>10.4f}{delta:>+10.4f}{mark}")
     return "\n".join(lines)

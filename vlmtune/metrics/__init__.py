@@ -7,6 +7,7 @@ LaTeX render match, written here without pycocoevalcap or nltk.
 What each task reports and how is documented in `vlmtune.metrics.tasks`.
 """
 
-from vlmtune.metrics.tasks import CORPUS_METRICS, SAMPLE_METRICS, TASKS, compute_metrics, primary_metric, sample_scores
+from vlmtune.metrics.tasks import (CORPUS_METRICS, SAMPLE_METRICS, TASKS, compute_metrics, lower_is_better,
+                                   primary_metric, sample_scores)
 
-__all__ = ["TASKS", "CORPUS_METRICS", "SAMPLE_METRICS", "compute_metrics", "sample_scores", "primary_metric"]
+__all__ = ["TASKS", "CORPUS_METRICS", "SAMPLE_METRICS", "compute_metrics", "sample_scores", "primary_metric", "lower_is_better"]

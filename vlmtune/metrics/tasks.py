@@ -42,6 +42,12 @@ from vlmtune.metrics.text import caption_tokens, levenshtein, normalize_answer, 
 
 TASKS = ("ocr", "latex", "caption", "generic")
 
+
+def lower_is_better(metric: str) -> bool:
+    """True for error-like metrics (CER, edit distance, unparseable fraction, losses)."""
+    return metric.removeprefix("val_") in {"cer", "wer", "edit_distance", "unparseable", "perplexity"} or \
+        metric.endswith("loss")
+
 CORPUS_METRICS: dict[str, tuple[str, ...]] = {
     "ocr": ("exact_match", "cer", "edit_distance", "bleu4"),
     "latex": ("exact_match", "cer", "edit_distance", "bleu4", "render_match", "unparseable"),

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
+from vlmtune.metrics import lower_is_better
 from vlmtune.report.plots import Plot
 from vlmtune.report.run import Evaluation, RunData, last, read_jsonl, section, to_float
 
@@ -26,7 +27,6 @@ STRIP_SAMPLES = 4  # validation samples followed through training
 STRIP_STEPS = 8  # at most this many steps per followed sample (first and last always)
 THUMB_SIZE = 224
 # Metrics where a decrease is an improvement; every other metric is better when higher.
-LOWER_IS_BETTER = {"cer", "wer", "edit_distance", "unparseable", "loss", "eval_loss", "perplexity"}
 
 
 def esc(value) -> str:
@@ -53,8 +53,6 @@ def fmt_time(stamp: float) -> str:
     return datetime.fromtimestamp(stamp).strftime("%Y-%m-%d %H:%M")
 
 
-def lower_is_better(metric: str) -> bool:
-    return metric in LOWER_IS_BETTER or metric.endswith("_loss")
 
 
 def header(run: RunData) -> str:
