@@ -26,6 +26,7 @@ from vlmtune.train import train
 # (colour, shape, side): two image sizes, so prompts differ in length (4 or 16 image tokens)
 SHAPES = [("red", "circle", 112), ("blue", "square", 56), ("green", "triangle", 112), ("yellow", "circle", 56)]
 Q1, Q2 = "What is this?", "And the colour?"
+PROMPTS = [Q1, "Describe the picture.", "What is in the image? Describe the picture.", Q1]  # for predict
 TOKENS = 8  # max_new_tokens everywhere: the trained model stops before, an untrained one would not
 
 
@@ -56,7 +57,7 @@ def setup(tmp_path_factory) -> dict:
             {"role": "user", "content": f"{IMAGE}\n{Q1}"}, {"role": "assistant", "content": f"a {colour} {shape}"},
             {"role": "user", "content": Q2}, {"role": "assistant", "content": colour}]})
         predict.append({"image": image, "conversations": [
-            {"role": "user", "content": f"{IMAGE}\n{Q1 if i % 2 else 'Describe the picture.'}"},
+            {"role": "user", "content": f"{IMAGE}\n{PROMPTS[i]}"},
             {"role": "assistant", "content": f"a {colour} {shape}"}]})
     predict.append({"image": "images/0.png", "conversations": [{"role": "user", "content": f"{IMAGE}\n{Q1}"}]})
     (root / "train.json").write_text(json.dumps(chats))
