@@ -47,6 +47,7 @@ class DataConfig:
     image_size: list[int] | None = None  # fixed [width, height] resize, e.g. [280, 280] as seed 003
     on_bad_sample: Literal["error", "skip"] = "error"  # skip writes rejected records to rejected.jsonl
     num_workers: int = 0  # DataLoader worker processes that encode samples
+    group_by_length: bool = True  # batch samples of similar token length together (less padding), random otherwise
     seed: int = 0  # seed of the train/val split
 
 

@@ -16,13 +16,13 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from vlmtune.callbacks import CompleteCheckpoints, JsonlMetrics
 from vlmtune.config import RunConfig, load_config, save_config
-from vlmtune.data.check import apply_policy, check_samples
-from vlmtune.data.collate import Collator, EncodedDataset
+from vlmtune.data.check import CheckReport, apply_policy, check_samples
+from vlmtune.data.collate import Collator, EncodedDataset, LengthGroupedSampler
 from vlmtune.data.encode import Encoder
 from vlmtune.data.sample import Sample
 from vlmtune.errors import ConfigError
@@ -42,17 +42,26 @@ def log(message: str) -> None:
 
 
 class VLMTrainer(Trainer):
-    """`Trainer` with two additions: optimizer groups per model part (vision_lr, projector_lr), and
+    """`Trainer` with three additions: optimizer groups per model part (vision_lr, projector_lr),
+    length-grouped batches when `train_lengths` (tokens per training sample) is given, and
     generation on a fixed validation subset at every evaluation, its task metrics logged as
     `val_<metric>` and its (image, prediction, reference) triples sent to the trackers."""
 
     def __init__(self, *args, family=None, run_config: RunConfig | None = None, encoder: Encoder | None = None,
-                 gen_samples: list[Sample] | None = None, **kwargs):
+                 gen_samples: list[Sample] | None = None, train_lengths: list[int] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.family = family
         self.run_config = run_config
         self.encoder = encoder
         self.gen_samples = gen_samples or []
+        self.train_lengths = train_lengths
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.train_lengths is None:
+            return super()._get_train_sampler(train_dataset)
+        # The lengths come from the pre-flight check, so grouping costs no pass over the data.
+        batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
+        return LengthGroupedSampler(self.train_lengths, batch, seed=self.args.seed)
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -103,15 +112,33 @@ def load_data(config: RunConfig) -> tuple[list[Sample], list[Sample]]:
     return split_val(train, config.data.val_size, config.data.seed)
 
 
-def preflight(samples: list[Sample], encoder: Encoder, config: RunConfig, out: Path, name: str) -> list[Sample]:
+def preflight(samples: list[Sample], encoder: Encoder, config: RunConfig, out: Path,
+              name: str) -> tuple[list[Sample], list[int] | None]:
+    """The samples to train on, and their token lengths as the check measured them (None if unknown)."""
     report = check_samples(samples, encoder, config.data.max_length, progress=is_main_process())
     log(f"{name} data: {report.summary()}")
-    return apply_policy(samples, report, config.data.on_bad_sample, out / f"rejected_{name}.jsonl")
+    kept = apply_policy(samples, report, config.data.on_bad_sample, out / f"rejected_{name}.jsonl")
+    return kept, kept_lengths(report)
+
+
+def kept_lengths(report: CheckReport) -> list[int] | None:
+    """Token lengths of the samples `apply_policy` keeps (those without problems), in order.
+
+    `check_samples` lists a length for every sample that is sound and encodes, too-long ones
+    included; None if the counts disagree, i.e. if it stopped working that way."""
+    kinds: dict[int, set[str]] = {}
+    for p in report.problems:
+        kinds.setdefault(p.index, set()).add(p.kind)
+    measured = [i for i in range(report.n_samples) if kinds.get(i, set()) <= {"too long"}]
+    if len(measured) != len(report.token_lengths):
+        return None
+    return [n for i, n in zip(measured, report.token_lengths) if i not in kinds]
 
 
 def training_arguments(config: RunConfig, out: Path, has_val: bool) -> TrainingArguments:
     t = config.train
     dtype = pick_dtype(config.model.dtype)
+    cpu_ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     report_to = t.report_to or ["none"]
     eval_strategy = "no" if not has_val else ("steps" if t.eval_steps else "epoch")
     return TrainingArguments(
@@ -146,7 +173,10 @@ def training_arguments(config: RunConfig, out: Path, has_val: bool) -> TrainingA
         report_to=report_to,
         seed=t.seed,
         deepspeed=t.deepspeed,
-        ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() else None,
+        # Several processes without CUDA (torchrun on CPU): accelerate sets up gloo DDP only when told
+        # to use the CPU; otherwise each process trains its own copy, with no gradient all-reduce.
+        use_cpu=cpu_ddp,
+        ddp_backend="gloo" if cpu_ddp else None,
         ddp_find_unused_parameters=False,
         save_only_model=False,
         include_num_input_tokens_seen="non_padding",
@@ -170,8 +200,12 @@ def resume_point(config: RunConfig, out: Path) -> str | None:
     return None
 
 
-def train(config: RunConfig) -> Path:
-    """Run one fine-tuning job described by `config`; returns the run folder."""
+def train(config: RunConfig, callbacks: list[TrainerCallback] | None = None) -> Path:
+    """Run one fine-tuning job described by `config`; returns the run folder.
+
+    Args:
+        callbacks: extra `TrainerCallback`s (bench/train_speed.py times the steps with one).
+    """
     out = Path(config.train.output_dir)
     resume_from = resume_point(config, out)
     path = resolve_model_path(config.model.name_or_path, config.model.hub, config.model.revision)
@@ -184,13 +218,16 @@ def train(config: RunConfig) -> Path:
 
     out.mkdir(parents=True, exist_ok=True)
     train_samples, val_samples = load_data(config)
-    train_samples = preflight(train_samples, encoder, config, out, "train")
+    train_samples, train_lengths = preflight(train_samples, encoder, config, out, "train")
     if val_samples:
-        val_samples = preflight(val_samples, encoder, config, out, "val")
+        val_samples, _ = preflight(val_samples, encoder, config, out, "val")
     if is_main_process():
         save_config(config, out)
 
     quantization = "4bit" if config.train.method == "qlora" else None
+    # Seed before the adapters are created: their random init must follow train.seed, not
+    # whatever ran before in this process (Trainer seeds only once the model exists).
+    set_seed(config.train.seed)
     model = load_model(path, pick_dtype(config.model.dtype), quantization, config.model.trust_remote_code,
                        config.model.attn_implementation)
     model = prepare_model(model, family, config.train, config.lora, config.train.gradient_checkpointing)
@@ -202,7 +239,7 @@ def train(config: RunConfig) -> Path:
     pad_id = processor.tokenizer.pad_token_id
     if pad_id is None:
         pad_id = processor.tokenizer.eos_token_id
-    callbacks = [JsonlMetrics(out / "metrics.jsonl"), CompleteCheckpoints(config, processor)]
+    callbacks = [JsonlMetrics(out / "metrics.jsonl"), CompleteCheckpoints(config, processor), *(callbacks or [])]
     trainer = VLMTrainer(
         model=model,
         args=training_arguments(config, out, bool(val_samples)),
@@ -214,6 +251,7 @@ def train(config: RunConfig) -> Path:
         run_config=config,
         encoder=encoder,
         gen_samples=val_samples[: config.eval.num_samples],
+        train_lengths=train_lengths if config.data.group_by_length else None,
     )
     trainer.train(resume_from_checkpoint=resume_from)
 

@@ -1,4 +1,4 @@
-"""Lazy dataset and padding collator.
+"""Lazy dataset, length-grouped sampler and padding collator.
 
 Samples are encoded when the DataLoader asks for them (in its worker processes when
 `data.num_workers > 0`), not up front: training starts at once and memory holds one batch of
@@ -8,7 +8,8 @@ pixels, not the whole dataset's.
 from __future__ import annotations
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
+from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from vlmtune.data.encode import IGNORE_INDEX, TOKEN_KEYS, Encoder
 from vlmtune.data.sample import Sample
@@ -28,6 +29,36 @@ class EncodedDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         sample = self.samples[i]
         return self.encoder.encode_prompt(sample) if self.prompt_only else self.encoder.encode(sample)
+
+
+class LengthGroupedSampler(Sampler[int]):
+    """A random order in which every `batch_size` consecutive samples have similar token lengths, so
+    padded batches carry little padding (transformers' `get_length_grouped_indices`: shuffle, cut
+    into mega-batches of up to 50 batches, sort each by length, longest batch first).
+
+    The shuffle is seeded by `seed + epoch`, so the order is reproducible and the same in every
+    process: under DDP, accelerate's `BatchSamplerShard` gives each rank different whole batches of
+    this one order. The Trainer calls `set_epoch` in single-process runs; under DDP it cannot reach
+    this sampler, so each full pass also moves to the next epoch by itself.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int = 0):
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        indices = get_length_grouped_indices(self.lengths, self.batch_size, generator=generator)
+        yield from indices
+        self.epoch += 1
 
 
 class Collator:

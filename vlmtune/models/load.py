@@ -66,6 +66,8 @@ def load_processor(path: Path, family: Family, min_pixels: int | None = None, ma
                    trust_remote_code: bool = False):
     from transformers import AutoProcessor
 
+    if (Path(path) / "config.json").is_file():  # a LoRA checkpoint folder has a processor but no config.json
+        _check_remote_code(Path(path), trust_remote_code)  # processors can be remote code too, and load first
     kwargs = {}
     if family.pixel_budget:
         if min_pixels:
