@@ -1,26 +1,34 @@
 """Training speed, memory and padding: the seeds' Qwen2-VL pipeline against `vlmtune train`.
 
-    make bench                                   # or:
-    .venv/bin/python bench/train_speed.py [--n 1000] [--steps 30] [--workers 2] [--repeats 1]
+    make bench                                   # or, with the defaults spelled out:
+    .venv/bin/python bench/train_speed.py --n 1000 --steps 55 --warmup 5 --workers 1 --threads 1 --repeats 2
 
 Both pipelines train the same tiny random-weight Qwen2-VL (hidden 128, 2 layers) with the same LoRA
-(r=64, alpha=16, on the language model's q/k/v/o/gate/up/down_proj), gradient checkpointing,
-batch size 4, the same number of optimizer steps, on the same 1,000 synthetic LaTeX formula images
-resized to seed 002's fixed 500x100 (height x width); answers of 1-40 tokens make the samples
-133-189 tokens long, so padding matters. The baseline is bench/seed_pipeline.py; vlmtune is
-`vlmtune.train.train(config)`. Each run is its own subprocess, so that its peak memory is its
-own; the runs alternate (vlmtune, seed, vlmtune, ...), and every ratio compares runs made minutes
-apart on the same machine: other jobs on a shared CPU slow both sides alike.
+(r=64, alpha=16, dropout 0.05, on the language model's q/k/v/o/gate/up/down_proj), gradient
+checkpointing (the seeds turn it on), batch size 4, for the same number of optimizer steps, on the
+same 1,000 synthetic LaTeX formula images resized to seed 002's fixed 500x100 (height x width).
+Answers of 1-40 tokens make the samples 133-189 tokens long, so padding matters. The baseline is
+bench/seed_pipeline.py; vlmtune is `vlmtune.train.train(config)` with `data.num_workers=1`.
+
+Each run is its own subprocess, so that its peak memory is its own. The runs alternate: vlmtune,
+seed, vlmtune, seed, vlmtune. The seed's `Dataset.map` (minutes) runs in its first run only; the
+second reuses the map cache and repeats the steady-state figures. Each figure is a median over runs,
+and every ratio compares runs minutes apart, since other jobs on a shared CPU slow both sides.
+Every main process gets one torch thread (`--threads`): on a 2-core machine that other jobs load,
+two threads on these tiny matrices wait on each other (a step takes 4-5x longer) and the noise
+swamps what is measured. vlmtune's DataLoader workers use one thread each (PyTorch's default).
 
 Figures, per pipeline:
   - time to first step: from the call of the pipeline function (imports done) to the end of
-    optimizer step 1, i.e. reading and preparing 1,000 samples, loading the model, step 1;
+    optimizer step 1: reading and preparing 1,000 samples, loading the model, step 1;
   - non-padding tokens/s: attention-mask tokens of the batches of steps warmup+1..steps, over the
-    time between the ends of step `warmup` and the last step (a forward pre-hook counts them);
-  - peak memory: the largest of the process's own peak RSS (getrusage) and the sampled peak PSS
-    of its whole process tree (DataLoader workers included; PSS splits pages they share);
-  - preprocessing cache: bytes in the datasets cache folder (the seed's `Dataset.map`); vlmtune
-    writes none;
+    time between the ends of step `warmup` and of the last step (a forward pre-hook counts them).
+    55 steps with 5 of warm-up time 50 steps: one mega-batch of vlmtune's length grouping (200
+    samples sorted by length), so its window is not biased towards long or short samples;
+  - peak memory: the larger of the main process's peak RSS (getrusage) and the peak PSS of its
+    whole process tree sampled every 50 ms (DataLoader workers included; PSS splits shared pages);
+  - preprocessing cache: bytes in the datasets cache folder (the seed's `Dataset.map` output);
+    vlmtune writes none;
   - padding fraction: pad tokens / all tokens over the batches of all steps.
 Results go to bench/results/train_speed.json; ratios are oriented so that > 1 means vlmtune is better.
 """
@@ -74,8 +82,10 @@ def step_clock(t0: float):
     return StepClock()
 
 
-def run_child(pipeline: str, work: Path, steps: int, warmup: int, workers: int, result: Path) -> None:
+def run_child(pipeline: str, work: Path, steps: int, warmup: int, workers: int, threads: int, result: Path) -> None:
     import torch
+
+    torch.set_num_threads(threads)
 
     if pipeline == "seed":
         sys.path.insert(0, str(ROOT / "bench"))
@@ -117,6 +127,8 @@ def run_child(pipeline: str, work: Path, steps: int, warmup: int, workers: int, 
         "max_rss_children_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
         "trainable_parameters": sum(p.numel() for p in clock.model.parameters() if p.requires_grad),
         "torch_threads": torch.get_num_threads(),
+        "cpu_seconds": sum(getattr(resource.getrusage(who), f) for f in ("ru_utime", "ru_stime")
+                           for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)),  # workers included
     }
     result.write_text(json.dumps(out, indent=2))
 
@@ -162,39 +174,43 @@ def _tree_memory(pid: int) -> tuple[int, int]:
     return rss, pss
 
 
-def run_pipeline(pipeline: str, work: Path, args) -> dict:
-    """One pipeline in a fresh subprocess, its process tree's memory sampled every 50 ms."""
-    for folder in ("seed_out", "seed_cache", "vlmtune_out"):
+def run_pipeline(pipeline: str, work: Path, args, fresh_cache: bool = True) -> dict:
+    """One pipeline in a fresh subprocess, its process tree's memory sampled every 50 ms.
+
+    `fresh_cache=False` lets the seed pipeline reuse the `Dataset.map` result of its previous run:
+    such a run repeats the steady-state figures only (its start and memory are not the seed's)."""
+    for folder in ("seed_out", "vlmtune_out", *(["seed_cache"] if fresh_cache else [])):
         shutil.rmtree(work / folder, ignore_errors=True)
     result = work / f"result_{pipeline}.json"
     result.unlink(missing_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "PYTHONPATH": str(ROOT)}
-    log = (work / f"log_{pipeline}.txt").open("w")
+           "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads)}
+    command = [sys.executable, __file__, "--child", pipeline, "--work", str(work), "--steps", str(args.steps),
+               "--warmup", str(args.warmup), "--workers", str(args.workers), "--threads", str(args.threads),
+               "--result", str(result)]
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, __file__, "--child", pipeline, "--work", str(work), "--steps",
-                             str(args.steps), "--warmup", str(args.warmup), "--workers", str(args.workers),
-                             "--result", str(result)], env=env, stdout=log, stderr=subprocess.STDOUT)
-    peak = {"rss": 0, "pss": 0}
+    with (work / f"log_{pipeline}.txt").open("w") as log:
+        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        peak = {"rss": 0, "pss": 0}
 
-    def sample():
-        while proc.poll() is None:
-            rss, pss = _tree_memory(proc.pid)
-            peak["rss"], peak["pss"] = max(peak["rss"], rss), max(peak["pss"], pss)
-            time.sleep(0.05)
+        def sample():
+            while proc.poll() is None:
+                rss, pss = _tree_memory(proc.pid)
+                peak["rss"], peak["pss"] = max(peak["rss"], rss), max(peak["pss"], pss)
+                time.sleep(0.05)
 
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    code = proc.wait()
-    sampler.join()
-    log.close()
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        code = proc.wait()
+        sampler.join()
     if code != 0 or not result.is_file():
         tail = (work / f"log_{pipeline}.txt").read_text(errors="replace")[-4000:]
         raise SystemExit(f"the {pipeline} pipeline failed (exit {code}); the end of its log:\n{tail}")
     out = json.loads(result.read_text())
     cache = work / "seed_cache"
-    out["cache_bytes"] = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file()) if cache.exists() else 0
+    out["cache_bytes"] = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file()) if pipeline == "seed" else 0
+    out["fresh_cache"] = fresh_cache
     out["tree_peak_rss_bytes"], out["tree_peak_pss_bytes"] = peak["rss"], peak["pss"]
     out["peak_memory_bytes"] = max(out["max_rss_self_bytes"], peak["pss"])
     out["wall_s"] = time.perf_counter() - started
@@ -202,11 +218,18 @@ def run_pipeline(pipeline: str, work: Path, args) -> dict:
     return out
 
 
-def median_run(runs: list[dict]) -> dict:
-    """The per-figure median over repeated runs of one pipeline (the first run's other fields)."""
-    keys = ("time_to_first_step_s", "tokens_per_s", "trained_tokens_per_s", "samples_per_s", "padding_fraction",
-            "peak_memory_bytes", "cache_bytes")
-    return {**runs[0], **{k: statistics.median(r[k] for r in runs) for k in keys}}
+STEADY = ("tokens_per_s", "trained_tokens_per_s", "samples_per_s", "padding_fraction")
+START = ("time_to_first_step_s", "peak_memory_bytes", "cache_bytes")
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Medians over a pipeline's runs: steady-state figures over all of them, start-up figures
+    (first step, peak memory, cache) over those that started from nothing."""
+    cold = [r for r in runs if r["fresh_cache"]]
+    out = {**cold[0], **{k: statistics.median(r[k] for r in runs) for k in STEADY},
+           **{k: statistics.median(r[k] for r in cold) for k in START}}
+    out["runs"], out["runs_from_nothing"] = len(runs), len(cold)
+    return out
 
 
 def ratios(seed: dict, ours: dict) -> dict:
@@ -217,6 +240,7 @@ def ratios(seed: dict, ours: dict) -> dict:
         "time_to_first_step": better_lower(seed["time_to_first_step_s"], ours["time_to_first_step_s"]),
         "tokens_per_s": ours["tokens_per_s"] / seed["tokens_per_s"],
         "trained_tokens_per_s": ours["trained_tokens_per_s"] / seed["trained_tokens_per_s"],
+        "samples_per_s": ours["samples_per_s"] / seed["samples_per_s"],
         "peak_memory": better_lower(seed["peak_memory_bytes"], ours["peak_memory_bytes"]),
         "cache_bytes": better_lower(seed["cache_bytes"], ours["cache_bytes"]),
         "padding_fraction": better_lower(seed["padding_fraction"], ours["padding_fraction"]),
@@ -234,6 +258,8 @@ def table(seed: dict, ours: dict, r: dict) -> str:
          f"{ours['time_to_first_step_s']:.1f} s", r["time_to_first_step"], "time_to_first_step"),
         ("non-padding tokens/s (steady)", f"{seed['tokens_per_s']:.0f}", f"{ours['tokens_per_s']:.0f}",
          r["tokens_per_s"], "tokens_per_s"),
+        ("samples/s (steady)", f"{seed['samples_per_s']:.1f}", f"{ours['samples_per_s']:.1f}",
+         r["samples_per_s"], None),
         ("trained (label) tokens/s", f"{seed['trained_tokens_per_s']:.0f}", f"{ours['trained_tokens_per_s']:.0f}",
          r["trained_tokens_per_s"], None),
         ("peak memory", f"{seed['peak_memory_bytes'] / mib:.0f} MiB", f"{ours['peak_memory_bytes'] / mib:.0f} MiB",
@@ -256,17 +282,18 @@ def table(seed: dict, ours: dict, r: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=1000, help="training samples")
-    parser.add_argument("--steps", type=int, default=30, help="optimizer steps per pipeline")
+    parser.add_argument("--steps", type=int, default=55, help="optimizer steps per pipeline")
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of the throughput")
-    parser.add_argument("--workers", type=int, default=2, help="vlmtune's data.num_workers")
-    parser.add_argument("--repeats", type=int, default=1, help="runs per pipeline (medians are reported)")
+    parser.add_argument("--workers", type=int, default=1, help="vlmtune's data.num_workers")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of each pipeline's main process")
+    parser.add_argument("--repeats", type=int, default=2, help="seed runs (vlmtune runs one more); medians")
     parser.add_argument("--work", help="folder for the model, data and caches (default: a temporary one)")
     parser.add_argument("--out", default=str(RESULTS), help="the JSON results file")
     parser.add_argument("--child", choices=["seed", "vlmtune"], help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        run_child(args.child, Path(args.work), args.steps, args.warmup, args.workers, Path(args.result))
+        run_child(args.child, Path(args.work), args.steps, args.warmup, args.workers, args.threads, Path(args.result))
         return 0
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="vlmtune-bench-"))
@@ -275,14 +302,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"preparing the tiny model and {args.n} synthetic LaTeX samples in {work}", flush=True)
         prepare(work, args.n)
         runs: dict[str, list[dict]] = {"vlmtune": [], "seed": []}
-        order = ["vlmtune", "seed"] * args.repeats + ["vlmtune"]  # vlmtune before and after each seed run
-        for pipeline in order:
-            print(f"running {pipeline} ({len(runs[pipeline]) + 1}) ...", flush=True)
-            runs[pipeline].append(run_pipeline(pipeline, work, args))
-            r = runs[pipeline][-1]
+        # vlmtune before and after every seed run; the seed's `Dataset.map` (minutes) runs once, later
+        # seed runs reuse its cache and repeat only the steady-state figures.
+        for pipeline in ["vlmtune", "seed"] * args.repeats + ["vlmtune"]:
+            fresh = pipeline == "vlmtune" or not runs["seed"]
+            print(f"running {pipeline} ({len(runs[pipeline]) + 1}{'' if fresh else ', reusing the map cache'}) ...",
+                  flush=True)
+            r = run_pipeline(pipeline, work, args, fresh_cache=fresh)
+            runs[pipeline].append(r)
             print(f"  first step {r['time_to_first_step_s']:.1f} s, {r['tokens_per_s']:.0f} tokens/s, "
                   f"peak {r['peak_memory_bytes'] / 2**20:.0f} MiB, wall {r['wall_s']:.0f} s", flush=True)
-        seed, ours = median_run(runs["seed"]), median_run(runs["vlmtune"])
+        seed, ours = summarize(runs["seed"]), summarize(runs["vlmtune"])
         if seed["trainable_parameters"] != ours["trainable_parameters"]:
             print(f"warning: trainable parameters differ: seed {seed['trainable_parameters']}, "
                   f"vlmtune {ours['trainable_parameters']}")

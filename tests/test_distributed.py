@@ -26,10 +26,13 @@ def test_torchrun_two_processes_train_and_write_once(tiny_qwen2_vl, qwen2_vl_par
     records = caption_records(N_SAMPLES, tmp_path, "d")
     for r in records:
         r["conversations"][1]["content"] = "a red circle"
-    data = write_json(tmp_path / "train.json", records)
+    # Plus one bad record, skipped: every rank runs the pre-flight check and writes the rejects.
+    bad = {"image": "images/missing.png", "conversations": records[0]["conversations"]}
+    data = write_json(tmp_path / "train.json", records[:3] + [bad] + records[3:])
     processor, family = qwen2_vl_parts
     encoder = Encoder(processor, family)
-    lengths = {encoder.count_tokens(s) for s in load_samples(data)}
+    missing = str(tmp_path / "images" / "missing.png")
+    lengths = {encoder.count_tokens(s) for s in load_samples(data) if s.images[0] != missing}
     assert len(lengths) == 1
     (length,) = lengths
 
@@ -41,7 +44,7 @@ def test_torchrun_two_processes_train_and_write_once(tiny_qwen2_vl, qwen2_vl_par
                "-m", "vlmtune.train", str(config),
                f"train.output_dir={out}", "train.epochs=1", "train.max_steps=-1", "train.batch_size=1",
                "train.grad_accum=1", "train.logging_steps=1", "train.save_steps=2", "lora.r=4",
-               "eval.num_samples=0", "train.learning_rate=0.001"]
+               "eval.num_samples=0", "train.learning_rate=0.001", "data.on_bad_sample=skip"]
     result = subprocess.run(command, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
 
@@ -70,5 +73,6 @@ def test_torchrun_two_processes_train_and_write_once(tiny_qwen2_vl, qwen2_vl_par
     adapter = load_file(final / "adapter_model.safetensors")
     assert adapter and all(torch.isfinite(v).all() for v in adapter.values())
     assert result.stdout.count("done: run folder") == 1
-    assert result.stdout.count("train data: 6 samples, 6 ok") == 1
+    assert result.stdout.count("train data: 7 samples, 6 ok, 1 with problems") == 1
+    assert [r["source"] for r in read_jsonl(out / "rejected_train.jsonl")] == [f"{data}:3"]
     assert not list(out.rglob("*.tmp"))

@@ -4,8 +4,6 @@ counts them, the seeds' data shapes rendered as the model will see them, padding
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from PIL import Image
@@ -236,7 +234,8 @@ def test_collator_pads_right_for_training_and_mixes_text_only_and_image_samples(
     assert torch.equal(batch["image_grid_thw"], torch.cat([items[1]["image_grid_thw"], items[2]["image_grid_thw"]]))
     if "mm_token_type_ids" in batch:  # text rows are all "text" (0); image rows mark their image tokens
         assert not batch["mm_token_type_ids"][0].any()
-        assert int(batch["mm_token_type_ids"][1].sum()) == int((items[1]["input_ids"] == processor.image_token_id).sum())
+        image_tokens = int((items[1]["input_ids"] == processor.image_token_id).sum())
+        assert int(batch["mm_token_type_ids"][1].sum()) == image_tokens
 
     # The mixed batch goes through the real model: one finite loss.
     model = AutoModelForImageTextToText.from_pretrained(tiny_qwen2_vl, dtype=torch.float32)

@@ -45,7 +45,7 @@ class DataConfig:
     min_pixels: int | None = None  # per-image pixel budget (Qwen families), lower bound
     max_pixels: int | None = None  # per-image pixel budget (Qwen families), upper bound
     image_size: list[int] | None = None  # fixed [width, height] resize, e.g. [280, 280] as seed 003
-    on_bad_sample: Literal["error", "skip"] = "error"  # skip writes rejected records to rejected.jsonl
+    on_bad_sample: Literal["error", "skip"] = "error"  # skip: train without them, listed in RUN/rejected_train.jsonl
     num_workers: int = 0  # DataLoader worker processes that encode samples
     group_by_length: bool = True  # batch samples of similar token length together (less padding), random otherwise
     seed: int = 0  # seed of the train/val split

@@ -3,13 +3,14 @@
     vlmtune data check data/train.json --model Qwen/Qwen2-VL-2B-Instruct --max-length 2048
 
 Each problem is printed as `FILE:INDEX: what is wrong`. The same check runs at the start of
-`vlmtune train`; with `on_bad_sample: skip` the bad records are written to `rejected.jsonl` and
+`vlmtune train`; with `on_bad_sample: skip` the bad records are written to `rejected_train.jsonl` and
 training goes on without them, otherwise training stops before it starts.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,7 +121,9 @@ def write_rejected(samples: list[Sample], report: CheckReport, path: Path) -> Pa
     for p in report.problems:
         reasons.setdefault(p.index, []).append(p.message)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    # One temporary file per process: under torchrun every rank runs the check and writes this same
+    # file, and a shared temporary name makes the second rename fail.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with tmp.open("w", encoding="utf-8") as f:
         for i in sorted(reasons):
             s = samples[i]
