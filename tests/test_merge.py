@@ -209,3 +209,23 @@ def test_existing_non_empty_out_is_never_overwritten(runs, tmp_path):
         merge(runs["lora"], out)
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+@pytest.mark.parametrize("family", ["minicpmv4_6", "minicpmv4_7"])
+def test_minicpm_v4_merges_through_plain_transformers(runs, tmp_path, family):
+    """MiniCPM-V 4.6 / 4.7 are transformers' own classes: LoRA with a trained merger, merge, reload."""
+    tiny = build_tiny_model(family, tmp_path / "tiny")
+    run = train(load_config(None, [
+        f"model.name_or_path={tiny}", f"data.train={runs['data']}", "train.max_steps=3", "train.batch_size=2",
+        "train.grad_accum=1", "lora.r=4", "eval.num_samples=0", f"train.output_dir={tmp_path / 'run'}",
+        "train.learning_rate=0.01", "train.save_steps=100", "train.freeze_projector=false"]))
+    record = merge(run, tmp_path / "merged")
+    assert record["max_abs_logit_diff"] <= TOL and record["adapter_effect"] > 0.05
+
+    processor = AutoProcessor.from_pretrained(tmp_path / "merged")
+    batch = probe_batch(processor, runs["data"].parent / "images" / "1.png")
+    assert batch["pixel_values"].shape[0] == 1  # every patch packed in one row, as the model expects
+    got = logits(plain(tmp_path / "merged"), batch)
+    reference = logits(PeftModel.from_pretrained(plain(tiny), run / "final"), batch)
+    assert (got - reference).abs().max().item() <= TOL
+    assert (got - logits(plain(tiny), batch)).abs().max().item() > 0.05

@@ -77,9 +77,11 @@ def test_family_parts_cover_every_parameter(tiny_model_dir, name):
     for n, p in model.named_parameters():
         parts.setdefault(family.part_of(n), []).append(n)
     assert set(parts) == set(PARTS), f"parameters outside the known parts: {parts.get('other', [])[:5]}"
-    assert all(n.startswith("model.visual.merger") or n.startswith("model.visual.deepstack")
-               for n in parts["projector"])
-    assert not any("merger" in n for n in parts["vision"])
+    projector = {"minicpmv4_6": ("model.merger.",), "minicpmv4_7": ("model.merger.",)}.get(
+        name, ("model.visual.merger", "model.visual.deepstack"))
+    assert all(n.startswith(projector) for n in parts["projector"])
+    # MiniCPM-V 4.x's window merger sits between vision blocks: part of the tower, not the projector
+    assert not any("merger" in n.replace("vit_merger", "") for n in parts["vision"])
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)
@@ -99,13 +101,13 @@ def test_forward_generate_and_exact_labels(tiny_model_dir, two_samples, name):
         assert encoder.count_tokens(sample) == len(item["input_ids"])
 
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
-    batch = Collator(tok.pad_token_id)(items)
+    batch = Collator(tok.pad_token_id, concat_dims=family.concat_dims)(items)
     with torch.no_grad():
         out = model(**batch)
     assert torch.isfinite(out.loss) and out.loss > 0
     assert out.logits.shape[:2] == batch["input_ids"].shape
 
-    prompts = Collator(tok.pad_token_id, padding_side="left")(
+    prompts = Collator(tok.pad_token_id, padding_side="left", concat_dims=family.concat_dims)(
         [EncodedDataset(two_samples, encoder, prompt_only=True)[i] for i in range(2)])
     with torch.no_grad():
         generated = model.generate(**prompts, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)

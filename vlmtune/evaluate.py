@@ -45,7 +45,7 @@ def generate(model, encoder: Encoder, samples: list[Sample], batch_size: int = 8
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     max_new_tokens = max_new_tokens or derive_max_new_tokens(tokenizer, samples)
     dataset = EncodedDataset(samples, encoder, prompt_only=True)
-    collate = Collator(pad_id, padding_side="left")
+    collate = Collator(pad_id, padding_side="left", concat_dims=encoder.family.concat_dims)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

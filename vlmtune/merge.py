@@ -114,7 +114,8 @@ def data_batch(config: RunConfig, processor, family) -> tuple[dict, str] | None:
             log(f"not using data.{name} for the check ({e})")
             continue
         pad_id = processor.tokenizer.pad_token_id
-        batch = Collator(pad_id if pad_id is not None else processor.tokenizer.eos_token_id)(encoded)
+        batch = Collator(pad_id if pad_id is not None else processor.tokenizer.eos_token_id,
+                         concat_dims=family.concat_dims)(encoded)
         batch.pop("labels")
         return batch, f"first {len(samples)} sample(s) of data.{name} ({path})"
     return None

@@ -245,7 +245,7 @@ def train(config: RunConfig, callbacks: list[TrainerCallback] | None = None) -> 
         args=training_arguments(config, out, bool(val_samples)),
         train_dataset=EncodedDataset(train_samples, encoder),
         eval_dataset=EncodedDataset(val_samples, encoder) if val_samples else None,
-        data_collator=Collator(pad_id),
+        data_collator=Collator(pad_id, concat_dims=family.concat_dims),
         callbacks=callbacks,
         family=family,
         run_config=config,

@@ -72,9 +72,10 @@ class Collator:
         mm_token_type_ids [2, 57], pixel_values [128, 1176], image_grid_thw [2, 3]
     """
 
-    def __init__(self, pad_token_id: int, padding_side: str = "right"):
+    def __init__(self, pad_token_id: int, padding_side: str = "right", concat_dims: tuple[tuple[str, int], ...] = ()):
         self.pad_token_id = pad_token_id
         self.padding_side = padding_side
+        self.concat_dims = dict(concat_dims)  # the family's exceptions to concatenating along dim 0
 
     def __call__(self, batch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         longest = max(len(item["input_ids"]) for item in batch)
@@ -87,7 +88,7 @@ class Collator:
                 values = [item.get(key, torch.zeros_like(item["input_ids"])) for item in batch]
                 out[key] = torch.stack([self._pad(v, longest, fill) for v in values])
             else:
-                out[key] = torch.cat([item[key] for item in batch if key in item])
+                out[key] = torch.cat([item[key] for item in batch if key in item], dim=self.concat_dims.get(key, 0))
         return out
 
     def _pad(self, value: torch.Tensor, length: int, fill: int) -> torch.Tensor:

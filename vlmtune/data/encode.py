@@ -156,7 +156,7 @@ class Encoder:
             value = torch.cat(parts)
             out[key] = torch.cat([torch.zeros(len(ids) - len(value), dtype=value.dtype), value])
         for key, parts in vision.items():
-            out[key] = torch.cat(parts)
+            out[key] = torch.cat(parts, dim=self.family.concat_dim(key))
         return out
 
     def encode(self, sample: Sample) -> dict[str, torch.Tensor]:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vlmtune.models import generic, qwen2_5_vl, qwen2_vl, qwen3_vl
+from vlmtune.models import generic, minicpmv4, qwen2_5_vl, qwen2_vl, qwen3_vl
 from vlmtune.models.family import Family, read_model_type
 
 FAMILIES: dict[str, Family] = {
     "qwen2_vl": qwen2_vl.FAMILY,
     "qwen2_5_vl": qwen2_5_vl.FAMILY,
     "qwen3_vl": qwen3_vl.FAMILY,
+    "minicpmv4_6": minicpmv4.MINICPMV4_6,
+    "minicpmv4_7": minicpmv4.MINICPMV4_7,
 }
 
 

@@ -28,6 +28,12 @@ class Family:
     end_of_turn: str | None = None  # token closing an assistant turn; trained on, None = find it
     patch_factor: int = 1  # fixed resizes are rounded to a multiple of this (patch * merge)
     pixel_budget: bool = False  # the image processor takes min_pixels / max_pixels
+    # Image tensors are concatenated along dim 0 across segments and batch rows, except those named
+    # here: MiniCPM-V 4.x packs every patch of a batch into one [1, C, patch, L] row, joined along L.
+    concat_dims: tuple[tuple[str, int], ...] = ()
+
+    def concat_dim(self, key: str) -> int:
+        return dict(self.concat_dims).get(key, 0)
 
     def part_of(self, param_name: str) -> str:
         """'projector', 'vision', 'llm' or 'other' for a parameter name of the bare model."""

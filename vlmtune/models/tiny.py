@@ -59,8 +59,11 @@ _CORPUS = [
 
 
 def build_tokenizer(special_tokens: list[str], vocab_size: int = 512, pad_token: str = "<|endoftext|>",
-                    eos_token: str = "<|im_end|>"):
-    """A byte-level BPE `PreTrainedTokenizerFast` trained on `_CORPUS`, with `special_tokens`."""
+                    eos_token: str = "<|im_end|>", named_tokens: dict[str, str] | None = None):
+    """A byte-level BPE `PreTrainedTokenizerFast` trained on `_CORPUS`, with `special_tokens`.
+
+    `named_tokens` ({"image_token": "<unk>", ...}) become tokenizer attributes, as processors of
+    MiniCPM-V 4.x read them (`tokenizer.image_token`, `tokenizer.slice_start_token`, ...)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -70,8 +73,12 @@ def build_tokenizer(special_tokens: list[str], vocab_size: int = 512, pad_token:
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    extra = [t for t in special_tokens if t not in (pad_token, eos_token)]
+    if named_tokens:
+        extra = {**{f"extra_token_{i}": t for i, t in enumerate(t for t in extra if t not in named_tokens.values())},
+                 **named_tokens}
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=pad_token, eos_token=eos_token,
-                                   additional_special_tokens=[t for t in special_tokens if t not in (pad_token, eos_token)])
+                                   extra_special_tokens=extra)
 
 
 def _qwen_processor(family: str, tokenizer, patch_size: int, min_pixels: int, max_pixels: int):
@@ -127,7 +134,57 @@ def _qwen_config(family: str, tokenizer, hidden: int, layers: int, heads: int, v
     return cls(text_config=text, vision_config=vision, tie_word_embeddings=False, **tokens)
 
 
-TINY_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+# MiniCPM-V 4.x marks images with these named tokens; the image token itself is `<unk>`, as in
+# every MiniCPM-V release, and a ChatML template emits one per image part.
+MINICPMV4_NAMED_TOKENS = {
+    "image_token": "<unk>", "video_token": "<video>", "image_start_token": "<image>", "image_end_token": "</image>",
+    "slice_start_token": "<slice>", "slice_end_token": "</slice>", "image_id_start_token": "<image_id>",
+    "image_id_end_token": "</image_id>",
+}
+
+
+def _minicpmv4_parts(family: str, hidden: int, layers: int, heads: int, vision_dim: int, vision_depth: int,
+                     image_size: int):
+    """(processor, config) of a tiny MiniCPM-V 4.6 / 4.7: Qwen3.5 LM alternating linear and full
+    attention layers as the real one does, NaViT SigLIP with its window merger after block 0."""
+    from transformers.models.minicpmv4_6.image_processing_minicpmv4_6 import MiniCPMV4_6ImageProcessor
+    from transformers.models.minicpmv4_6.video_processing_minicpmv4_6 import MiniCPMV4_6VideoProcessor
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *MINICPMV4_NAMED_TOKENS.values()]
+    tokenizer = build_tokenizer(specials, named_tokens=MINICPMV4_NAMED_TOKENS)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in specials}
+    # 16x downsampling: a slice of scale_resolution**2 pixels gives (scale_resolution / 14 / 4)**2 tokens
+    slicing = dict(scale_resolution=image_size, max_slice_nums=4, patch_size=14)
+    image_processor = MiniCPMV4_6ImageProcessor(**slicing)
+    video_processor = MiniCPMV4_6VideoProcessor(**{**slicing, "max_slice_nums": 1})
+    template = QWEN_CHAT_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<unk>")
+    head_dim = hidden // heads
+    text = dict(model_type="qwen3_5_text", vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2,
+                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+                head_dim=head_dim, layer_types=["linear_attention" if i % 2 == 0 else "full_attention"
+                                                for i in range(layers)],
+                linear_key_head_dim=head_dim, linear_value_head_dim=head_dim, linear_num_key_heads=max(1, heads // 2),
+                linear_num_value_heads=heads, max_position_embeddings=4096,
+                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], bos_token_id=ids["<|endoftext|>"])
+    vision = dict(hidden_size=vision_dim, intermediate_size=vision_dim * 2, num_hidden_layers=vision_depth,
+                  num_attention_heads=max(1, vision_dim // 16), image_size=image_size, patch_size=14)
+    tokens = dict(image_token_id=ids["<unk>"], video_token_id=ids["<video>"])
+    if family == "minicpmv4_6":
+        from transformers import MiniCPMV4_6Config as config_cls
+        from transformers import MiniCPMV4_6Processor as processor_cls
+    else:
+        from transformers import MiniCPMV4_7Config as config_cls
+        from transformers import MiniCPMV4_7Processor as processor_cls
+        tokens.update(image_start_id=ids["<image>"], image_end_id=ids["</image>"], slice_start_id=ids["<slice>"],
+                      slice_end_id=ids["</slice>"], newline_id=tokenizer.convert_tokens_to_ids(
+                          tokenizer.tokenize("\n")[0]))
+    processor = processor_cls(image_processor=image_processor, video_processor=video_processor, tokenizer=tokenizer,
+                              chat_template=template)
+    config = config_cls(text_config=text, vision_config=vision, insert_layer_id=0, tie_word_embeddings=False, **tokens)
+    return processor, config
+
+
+TINY_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "minicpmv4_6", "minicpmv4_7")
 
 
 def build_tiny_model(family: str, out: str | Path, hidden: int = 64, layers: int = 2, heads: int = 4,
@@ -141,11 +198,14 @@ def build_tiny_model(family: str, out: str | Path, hidden: int = 64, layers: int
     if family not in TINY_FAMILIES:
         raise VlmtuneError(f"no tiny model for family {family!r}; choose one of {', '.join(TINY_FAMILIES)}")
     out = Path(out)
-    tokenizer = build_tokenizer(QWEN_SPECIAL_TOKENS)
-    patch = 16 if family == "qwen3_vl" else 14
-    processor = _qwen_processor(family, tokenizer, patch, min_pixels=(patch * 2) ** 2,
-                                max_pixels=max(image_size * image_size, (patch * 2) ** 2))
-    config = _qwen_config(family, tokenizer, hidden, layers, heads, vision_dim, vision_depth)
+    if family.startswith("minicpmv4"):
+        processor, config = _minicpmv4_parts(family, hidden, layers, heads, vision_dim, vision_depth, image_size)
+    else:
+        tokenizer = build_tokenizer(QWEN_SPECIAL_TOKENS)
+        patch = 16 if family == "qwen3_vl" else 14
+        processor = _qwen_processor(family, tokenizer, patch, min_pixels=(patch * 2) ** 2,
+                                    max_pixels=max(image_size * image_size, (patch * 2) ** 2))
+        config = _qwen_config(family, tokenizer, hidden, layers, heads, vision_dim, vision_depth)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config)
     model.generation_config.eos_token_id = config.text_config.eos_token_id
@@ -159,7 +219,8 @@ def build_tiny_model(family: str, out: str | Path, hidden: int = 64, layers: int
     return out
 
 
-def tiny_model_command(*, out: str, family: Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl"] = "qwen2_vl",
+def tiny_model_command(*, out: str, family: Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "minicpmv4_6",
+                                                    "minicpmv4_7"] = "qwen2_vl",
                        hidden: int = 64, layers: int = 2, vision_dim: int = 32, vision_depth: int = 2,
                        image_size: int = 112, seed: int = 0) -> int:
     """Build a random-weight tiny checkpoint of a model family, offline.
@@ -171,7 +232,8 @@ def tiny_model_command(*, out: str, family: Literal["qwen2_vl", "qwen2_5_vl", "q
         layers: Number of language-model layers.
         vision_dim: Width of the vision encoder.
         vision_depth: Number of vision-encoder blocks.
-        image_size: Side of the square pixel budget the processor resizes images to.
+        image_size: Side of the square pixel budget the processor resizes images to (MiniCPM-V 4.x: the
+            slicing scale_resolution).
         seed: Random seed for the weights.
     """
     path = build_tiny_model(family, out, hidden=hidden, layers=layers, vision_dim=vision_dim,
