@@ -26,6 +26,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/python bench/eval_speed.py
+	$(VENV)/bin/python bench/vision_cache.py
+	$(VENV)/bin/python bench/plan_validation.py
+	$(VENV)/bin/python bench/plan_published.py
 
 clean:
 	rm -rf demo_out .pytest_cache

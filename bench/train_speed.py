@@ -31,6 +31,15 @@ Figures, per pipeline:
     vlmtune writes none;
   - padding fraction: pad tokens / all tokens over the batches of all steps.
 Results go to bench/results/train_speed.json; ratios are oriented so that > 1 means vlmtune is better.
+
+`--cache` measures vlmtune's on-disk encoding cache (`data.cache_dir`) instead, without the seed
+pipeline: per repeat, a run without the cache, a run that fills a fresh cache, and a second run
+that reuses it (the run without the cache goes first, then last, alternately). It compares the
+second run with the cache against a run without it (time to first step, steady tokens/s, CPU
+seconds), reports the cache's size on disk and, per sample, encoding against reading an entry;
+results go to bench/results/train_speed_cache.json.
+
+    .venv/bin/python bench/train_speed.py --cache --repeats 2 [--workers 0]
 """
 
 from __future__ import annotations
@@ -51,6 +60,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "train_speed.json"
+CACHE_RESULTS = ROOT / "bench" / "results" / "train_speed_cache.json"
 PROMPT = "你是一个LaText OCR助手,目标是读取用户输入的照片，转换成LaTex公式。"  # seed 002's prompt
 IMAGE_HW = (500, 100)  # seed 002: resized_height=500, resized_width=100
 TARGETS = {"time_to_first_step": 10.0, "tokens_per_s": 2.0, "peak_memory": 3.0}  # issue 5's "done when"
@@ -82,7 +92,8 @@ def step_clock(t0: float):
     return StepClock()
 
 
-def run_child(pipeline: str, work: Path, steps: int, warmup: int, workers: int, threads: int, result: Path) -> None:
+def run_child(pipeline: str, work: Path, steps: int, warmup: int, workers: int, threads: int, result: Path,
+              cache_dir: str | None = None) -> None:
     import torch
 
     torch.set_num_threads(threads)
@@ -105,7 +116,7 @@ def run_child(pipeline: str, work: Path, steps: int, warmup: int, workers: int, 
             "lora.r=64", "lora.alpha=16", "lora.dropout=0.05", "train.batch_size=4", "train.grad_accum=1",
             f"train.max_steps={steps}", "train.learning_rate=1e-4", "train.gradient_checkpointing=true",
             "train.logging_steps=10", "train.save_steps=100", "eval.num_samples=0",
-            f"train.output_dir={work / 'vlmtune_out'}"])
+            f"train.output_dir={work / 'vlmtune_out'}", *([f"data.cache_dir={cache_dir}"] if cache_dir else [])])
         t0 = time.perf_counter()
         clock = step_clock(t0)
         train(config, callbacks=[clock])
@@ -174,7 +185,7 @@ def _tree_memory(pid: int) -> tuple[int, int]:
     return rss, pss
 
 
-def run_pipeline(pipeline: str, work: Path, args, fresh_cache: bool = True) -> dict:
+def run_pipeline(pipeline: str, work: Path, args, fresh_cache: bool = True, cache_dir: Path | None = None) -> dict:
     """One pipeline in a fresh subprocess, its process tree's memory sampled every 50 ms.
 
     `fresh_cache=False` lets the seed pipeline reuse the `Dataset.map` result of its previous run:
@@ -187,7 +198,7 @@ def run_pipeline(pipeline: str, work: Path, args, fresh_cache: bool = True) -> d
            "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads)}
     command = [sys.executable, __file__, "--child", pipeline, "--work", str(work), "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--workers", str(args.workers), "--threads", str(args.threads),
-               "--result", str(result)]
+               "--result", str(result), *(["--cache-dir", str(cache_dir)] if cache_dir else [])]
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
     with (work / f"log_{pipeline}.txt").open("w") as log:
@@ -279,6 +290,122 @@ def table(seed: dict, ours: dict, r: dict) -> str:
     return "\n".join(lines)
 
 
+def encode_vs_read(encoder, samples: list, folder: Path) -> dict:
+    """Median time to encode one of `samples`, and to read it back from a cache entry instead
+    (hashing its image file for the key, reading, checking the checksum), on one thread."""
+    from vlmtune.data.encode_cache import EncodeCache
+
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        cache = EncodeCache(tmp, encoder)
+        encode_s, read_s, sizes = [], [], []
+        for sample in samples:
+            t = time.perf_counter()
+            tensors = encoder.encode(sample)
+            encode_s.append(time.perf_counter() - t)
+            cache.store(cache.key(sample), tensors)
+        for sample in samples:
+            t = time.perf_counter()
+            assert cache.load(cache.key(sample)) is not None
+            read_s.append(time.perf_counter() - t)
+            sizes.append(cache.path(cache.key(sample)).stat().st_size)
+    return {"samples": len(samples), "encode_ms": 1000 * statistics.median(encode_s),
+            "cache_read_ms": 1000 * statistics.median(read_s), "entry_bytes": statistics.median(sizes)}
+
+
+def per_sample_costs(work: Path, n: int = 40) -> dict:
+    """`encode_vs_read` for the benchmark's samples (504x112 PNG formulas, the runs' encoder), and for
+    640x480 JPEG photos encoded at full resolution (a pixel budget of 640*480; 1,564 patches)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from vlmtune.data.encode import Encoder
+    from vlmtune.data.formats import load_samples
+    from vlmtune.data.sample import IMAGE, Sample, Turn
+    from vlmtune.models import family_for
+    from vlmtune.models.load import load_processor
+
+    torch.set_num_threads(1)
+    family = family_for(work / "model")
+    formulas = encode_vs_read(
+        Encoder(load_processor(work / "model", family), family, image_size=(IMAGE_HW[1], IMAGE_HW[0]), max_length=2048),
+        load_samples(str(work / "latex" / "train.json"))[:n], work)
+    rng = np.random.default_rng(0)
+    photos = []
+    for i in range(n):
+        path = work / "photos" / f"{i}.jpg"
+        path.parent.mkdir(exist_ok=True)
+        smooth = rng.random((48, 64, 3)).repeat(10, 0).repeat(10, 1) * 200 + rng.random((480, 640, 3)) * 55
+        Image.fromarray(smooth.astype(np.uint8)).save(path, quality=90)
+        photos.append(Sample(images=[str(path)], turns=[Turn("user", f"{IMAGE}\nDescribe the picture."),
+                                                        Turn("assistant", "a photo")], source=f"photo {i}"))
+    photo_encoder = Encoder(load_processor(work / "model", family, max_pixels=640 * 480), family, max_length=4096)
+    return {"formula_504x112_png": formulas, "photo_640x480_jpeg": encode_vs_read(photo_encoder, photos, work)}
+
+
+def cache_main(args) -> int:
+    """vlmtune without, filling and reusing the encoding cache; see the module docstring."""
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="vlmtune-bench-cache-"))
+    work.mkdir(parents=True, exist_ok=True)
+    out_path = Path(args.out) if args.out != str(RESULTS) else CACHE_RESULTS
+    try:
+        print(f"preparing the tiny model and {args.n} synthetic LaTeX samples in {work}", flush=True)
+        prepare(work, args.n)
+        runs: dict[str, list[dict]] = {"no_cache": [], "fill": [], "reuse": []}
+        for repeat in range(args.repeats):
+            cache_dir = work / f"encode_cache_{repeat}"
+            shutil.rmtree(cache_dir, ignore_errors=True)
+            order = [("no_cache", None), ("fill", cache_dir), ("reuse", cache_dir)]
+            if repeat % 2:  # the run without the cache goes last every other time: load drifts over minutes
+                order = order[1:] + order[:1]
+            for name, folder in order:
+                print(f"running vlmtune, {name.replace('_', ' ')} ({repeat + 1}) ...", flush=True)
+                r = run_pipeline("vlmtune", work, args, cache_dir=folder)
+                r["cache_disk_bytes"] = (sum(f.stat().st_size for f in cache_dir.rglob("*") if f.is_file())
+                                         if folder else 0)
+                r["cache_files"] = len(list(cache_dir.rglob("*.safetensors"))) if folder else 0
+                runs[name].append(r)
+                print(f"  first step {r['time_to_first_step_s']:.2f} s, {r['tokens_per_s']:.0f} tokens/s, "
+                      f"cache {r['cache_disk_bytes'] / 2**20:.1f} MiB in {r['cache_files']} files", flush=True)
+        keys = ("time_to_first_step_s", "tokens_per_s", "samples_per_s", "cpu_seconds", "peak_memory_bytes",
+                "cache_disk_bytes", "cache_files")
+        med = {name: {k: statistics.median(r[k] for r in rs) for k in keys} for name, rs in runs.items()}
+        ratios = {"second_run_time_to_first_step": med["no_cache"]["time_to_first_step_s"]
+                  / med["reuse"]["time_to_first_step_s"],
+                  "second_run_tokens_per_s": med["reuse"]["tokens_per_s"] / med["no_cache"]["tokens_per_s"],
+                  "second_run_cpu_seconds": med["no_cache"]["cpu_seconds"] / med["reuse"]["cpu_seconds"],
+                  "fill_run_tokens_per_s": med["fill"]["tokens_per_s"] / med["no_cache"]["tokens_per_s"]}
+        per_sample = per_sample_costs(work)
+        samples_seen = 4 * args.steps
+        print(f"\n{'':34} {'no cache':>12} {'fill cache':>12} {'reuse cache':>12} {'reuse vs none':>14}")
+        print("-" * 88)
+        print(f"{'time to first step':34} " + " ".join(f"{med[n]['time_to_first_step_s']:>10.2f} s" for n in runs)
+              + f" {ratios['second_run_time_to_first_step']:>13.2f}x")
+        print(f"{'non-padding tokens/s (steady)':34} " + " ".join(f"{med[n]['tokens_per_s']:>12.0f}" for n in runs)
+              + f" {ratios['second_run_tokens_per_s']:>13.2f}x")
+        print(f"{'CPU seconds, workers included':34} " + " ".join(f"{med[n]['cpu_seconds']:>10.1f} s" for n in runs)
+              + f" {ratios['second_run_cpu_seconds']:>13.2f}x")
+        print(f"{'cache on disk':34} {'-':>12} " + " ".join(f"{med[n]['cache_disk_bytes'] / 2**20:>8.1f} MiB"
+                                                         for n in ("fill", "reuse")))
+        print(f"({med['fill']['cache_files']:.0f} entries for the {samples_seen} samples the {args.steps} steps draw)")
+        for name, c in per_sample.items():
+            print(f"per sample ({name}, one thread): encoding {c['encode_ms']:.1f} ms, reading its cache entry "
+                  f"{c['cache_read_ms']:.1f} ms ({c['encode_ms'] / c['cache_read_ms']:.1f}x), "
+                  f"{c['entry_bytes'] / 2**20:.2f} MiB per entry")
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps({
+            "settings": {"samples": args.n, "steps": args.steps, "warmup_steps": args.warmup, "batch_size": 4,
+                         "image_height_width": IMAGE_HW, "vlmtune_num_workers": args.workers, "repeats": args.repeats,
+                         "threads": args.threads, "model": "tiny qwen2_vl, hidden 128, 2 layers, vision 32x2"},
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+            "medians": med, "ratios": ratios, "per_sample": per_sample, "runs": runs}, indent=2) + "\n")
+        print(f"\nwritten {out_path}")
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=1000, help="training samples")
@@ -289,12 +416,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2, help="runs per pipeline (figures are medians)")
     parser.add_argument("--work", help="folder for the model, data and caches (default: a temporary one)")
     parser.add_argument("--out", default=str(RESULTS), help="the JSON results file")
+    parser.add_argument("--cache", action="store_true",
+                        help="measure vlmtune's encoding cache (data.cache_dir) instead of the seed comparison")
     parser.add_argument("--child", choices=["seed", "vlmtune"], help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--cache-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        run_child(args.child, Path(args.work), args.steps, args.warmup, args.workers, args.threads, Path(args.result))
+        run_child(args.child, Path(args.work), args.steps, args.warmup, args.workers, args.threads, Path(args.result),
+                  args.cache_dir)
         return 0
+    if args.cache:
+        return cache_main(args)
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="vlmtune-bench-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -229,3 +229,34 @@ def test_minicpm_v4_merges_through_plain_transformers(runs, tmp_path, family):
     reference = logits(PeftModel.from_pretrained(plain(tiny), run / "final"), batch)
     assert (got - reference).abs().max().item() <= TOL
     assert (got - logits(plain(tiny), batch)).abs().max().item() > 0.05
+
+
+@pytest.mark.parametrize("family", ["minicpmv2", "minicpmv2_6", "minicpmo2_6"])
+def test_native_minicpm_merge_keeps_the_official_layout(runs, tmp_path, family):
+    """The seeds' MiniCPM setup (LoRA on the LLM attention, vision tower and resampler trained fully,
+    tune_vision) merged: same weight names and config keys as the base folder, its remote-code files
+    carried over (never run), and the merged model reproduces base + adapter."""
+    from vlmtune.models import family_for as family_of
+    from vlmtune.models.load import load_model, load_processor
+
+    tiny = build_tiny_model(family, tmp_path / "tiny")
+    (tiny / "modeling_minicpmv.py").write_text("raise RuntimeError('remote code must not run')\n")
+    run = train(load_config(None, [
+        f"model.name_or_path={tiny}", f"data.train={runs['data']}", "train.max_steps=3", "train.batch_size=2",
+        "train.grad_accum=1", "lora.r=4", "eval.num_samples=0", f"train.output_dir={tmp_path / 'run'}",
+        "train.learning_rate=0.01", "train.save_steps=100", "train.freeze_projector=false",
+        "train.freeze_vision=false"]))
+    out = tmp_path / "merged"
+    record = merge(run, out)
+    assert record["max_abs_logit_diff"] <= TOL and record["adapter_effect"] > 0.05
+    assert record["remote_code_copied"] == ["modeling_minicpmv.py"]
+
+    assert load_file(out / "model.safetensors").keys() == load_file(tiny / "model.safetensors").keys()
+    assert json.loads((out / "config.json").read_text()).keys() == json.loads((tiny / "config.json").read_text()).keys()
+    assert family_of(out).name == family
+    processor = load_processor(out, family_of(out))
+    batch = probe_batch(processor, runs["data"].parent / "images" / "1.png")
+    got = logits(load_model(out, torch.float32), batch)
+    reference = logits(PeftModel.from_pretrained(load_model(tiny, torch.float32), run / "final"), batch)
+    assert (got - reference).abs().max().item() <= TOL
+    assert (got - logits(load_model(tiny, torch.float32), batch)).abs().max().item() > 0.05

@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vlmtune.errors import VlmtuneError
-from vlmtune.models.minicpmv import MiniCPMVForConditionalGeneration, detect_arch
-from vlmtune.models.minicpmv.modeling import config_class_for
+from vlmtune.models.minicpmv import detect_arch
+from vlmtune.models.minicpmv.modeling import MiniCPMVForConditionalGeneration, config_class_for
 from vlmtune.models.minicpmv.tiny import build_tiny_minicpm_model, tiny_minicpm_config
 
 DATA = Path(__file__).parent / "data" / "minicpm"

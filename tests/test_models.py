@@ -9,6 +9,7 @@ import math
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -72,13 +73,13 @@ def test_family_parts_cover_every_parameter(tiny_model_dir, name):
     path = tiny_model_dir(name)
     family = family_for(path)
     assert family.name == name
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+    model = load_model(path, torch.float32)
     parts = {}
     for n, p in model.named_parameters():
         parts.setdefault(family.part_of(n), []).append(n)
     assert set(parts) == set(PARTS), f"parameters outside the known parts: {parts.get('other', [])[:5]}"
     projector = {"minicpmv4_6": ("model.merger.",), "minicpmv4_7": ("model.merger.",)}.get(
-        name, ("model.visual.merger", "model.visual.deepstack"))
+        name, ("resampler.",) if family.native else ("model.visual.merger", "model.visual.deepstack"))
     assert all(n.startswith(projector) for n in parts["projector"])
     # MiniCPM-V 4.x's window merger sits between vision blocks: part of the tower, not the projector
     assert not any("merger" in n.replace("vit_merger", "") for n in parts["vision"])
@@ -88,6 +89,8 @@ def test_family_parts_cover_every_parameter(tiny_model_dir, name):
 def test_forward_generate_and_exact_labels(tiny_model_dir, two_samples, name):
     path = tiny_model_dir(name)
     family = family_for(path)
+    if name == "minicpmv2":  # MiniCPM-V 2.0's chat format has no system turn (see test_minicpm_processor.py)
+        two_samples = [replace(s, turns=[t for t in s.turns if t.role != "system"]) for s in two_samples]
     processor = load_processor(path, family)
     encoder = Encoder(processor, family)
     tok = processor.tokenizer
@@ -100,7 +103,7 @@ def test_forward_generate_and_exact_labels(tiny_model_dir, two_samples, name):
         assert trained == sum((tok(a, add_special_tokens=False)["input_ids"] + [im_end] for a in answers), [])
         assert encoder.count_tokens(sample) == len(item["input_ids"])
 
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    model = load_model(path, torch.float32).eval()
     batch = Collator(tok.pad_token_id, concat_dims=family.concat_dims)(items)
     with torch.no_grad():
         out = model(**batch)
@@ -125,7 +128,7 @@ def test_lora_training_steps(tiny_model_dir, caption_data, tmp_path, name):
     adapter = load_file(out / "final" / "adapter_model.safetensors")
     b = [v for k, v in adapter.items() if k.endswith("lora_B.weight")]
     assert b and all(v.abs().sum() > 0 for v in b)  # zero at init: trained
-    assert all("language_model" in k for k in adapter)  # default targets: the language model only
+    assert all("language_model" in k or ".llm." in k for k in adapter)  # default targets: the language model only
 
 
 # --- hub ids and remote code ------------------------------------------------------------------
@@ -162,21 +165,21 @@ def test_modelscope_hub_needs_its_package():
 
 @pytest.fixture
 def remote_code_model(tiny_qwen2_vl, tmp_path):
-    """A model folder like MiniCPM-V 2.6's: a model_type transformers does not know, an auto_map
-    naming Python files in the folder, and a processor that is remote code too. The Python files
-    leave a marker if anything imports them."""
-    folder = tmp_path / "MiniCPM-V-2_6"
+    """A model folder like the many remote-code VLMs on the hub: a model_type transformers does not
+    know (and vlmtune does not implement), an auto_map naming Python files in the folder, and a
+    processor that is remote code too. The Python files leave a marker if anything imports them."""
+    folder = tmp_path / "Acme-VL-2B"
     shutil.copytree(tiny_qwen2_vl, folder)
     marker = tmp_path / "remote_code_ran"
     config = json.loads((folder / "config.json").read_text())
-    config.update(model_type="minicpmv", auto_map={"AutoConfig": "configuration_minicpm.MiniCPMVConfig",
-                                                   "AutoModel": "modeling_minicpmv.MiniCPMV"})
+    config.update(model_type="acme_vl", auto_map={"AutoConfig": "configuration_acme.AcmeVLConfig",
+                                                  "AutoModel": "modeling_acme.AcmeVL"})
     (folder / "config.json").write_text(json.dumps(config))
     processor = json.loads((folder / "processor_config.json").read_text())
-    processor.update(processor_class="MiniCPMVProcessor",
-                     auto_map={"AutoProcessor": "processing_minicpmv.MiniCPMVProcessor"})
+    processor.update(processor_class="AcmeVLProcessor",
+                     auto_map={"AutoProcessor": "processing_acme.AcmeVLProcessor"})
     (folder / "processor_config.json").write_text(json.dumps(processor))
-    for name in ("configuration_minicpm.py", "modeling_minicpmv.py", "processing_minicpmv.py"):
+    for name in ("configuration_acme.py", "modeling_acme.py", "processing_acme.py"):
         (folder / name).write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
     return folder, marker
 

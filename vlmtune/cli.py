@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("vlmtune.infer:chat_command", "Chat with a model (interactive, or one-shot with --prompt/--image)."),
     "merge": ("vlmtune.merge:merge_command", "Merge a LoRA checkpoint into its base model and verify the result."),
     "report": ("vlmtune.report:report_command", "Rebuild report.html for a run folder."),
+    "plan": ("vlmtune.plan:plan_command", "Estimate peak memory per device of a training run before loading weights."),
 }
 
 

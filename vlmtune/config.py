@@ -30,7 +30,7 @@ class ModelConfig:
     revision: str | None = None  # hub revision (branch, tag or commit)
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16/fp16 on GPU, fp32 on CPU
     trust_remote_code: bool = False  # run Python code shipped in the model folder (off unless you ask)
-    attn_implementation: str | None = None  # e.g. sdpa, flash_attention_2; None lets transformers choose
+    attn_implementation: str | None = "auto"  # auto: flash_attention_2 if flash-attn, CUDA, bf16/fp16; else sdpa
 
 
 @dataclass
@@ -44,11 +44,15 @@ class DataConfig:
     max_length: int = 2048  # longest sample in tokens, image tokens included; longer ones are never truncated
     min_pixels: int | None = None  # per-image pixel budget (Qwen families), lower bound
     max_pixels: int | None = None  # per-image pixel budget (Qwen families), upper bound
+    max_slice_nums: int | None = None  # most slices per image (MiniCPM-V 2.x, the seeds' 9); None: the checkpoint's
     image_size: list[int] | None = None  # fixed [width, height] resize, e.g. [280, 280] as seed 003
     on_bad_sample: Literal["error", "skip"] = "error"  # skip: train without them, listed in RUN/rejected_train.jsonl
     num_workers: int = 0  # DataLoader worker processes that encode samples
     group_by_length: bool = True  # batch samples of similar token length together (less padding), random otherwise
+    packing: bool = False  # samples end to end in one row, kept apart by position ids: no padding (Qwen-VL only)
+    pack_length: int | None = None  # tokens per pack (a batch holds train.batch_size packs); None: data.max_length
     seed: int = 0  # seed of the train/val split
+    cache_dir: str | None = None  # save encoded samples here (safetensors) and reuse them in later epochs and runs
 
 
 @dataclass
@@ -74,10 +78,15 @@ class TrainConfig:
     batch_size: int = 4  # per device
     grad_accum: int = 4
     weight_decay: float = 0.0
+    adam_beta2: float = 0.999  # AdamW beta2 (the MiniCPM-V seeds use 0.95)
     warmup_ratio: float = 0.0
     lr_scheduler: str = "linear"
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = False
+    liger_kernel: bool | Literal["auto"] = "auto"  # Liger's fused kernels; auto: if installed, on CUDA, for this model
+    cache_vision_features: bool = False  # frozen vision tower: compute each image's features once, reuse them
+    vision_cache_mb: int = 4096  # memory bound of that cache (CPU RAM); least recently used images dropped first
+    vision_cache_on_disk: bool = False  # also keep those features in RUN/vision_features/ (read back once dropped)
     logging_steps: int = 10
     save_steps: int = 100
     save_total_limit: int | None = None
@@ -176,7 +185,8 @@ def _parse_override(item: str) -> tuple[list[str], object]:
     return key.split("."), value
 
 
-_STRING_KEYS = {"run_name", "revision", "project", "output_dir", "name_or_path", "train", "val", "prompt"}
+_STRING_KEYS = {"run_name", "revision", "project", "output_dir", "name_or_path", "train", "val", "prompt",
+                "cache_dir"}
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:

@@ -150,7 +150,7 @@ def load_for_eval(target: Target):
     c = target.config
     model, processor, family, _ = load_model_and_processor(
         target.model, c.model.hub, c.model.revision, c.model.dtype, c.data.min_pixels, c.data.max_pixels,
-        c.model.trust_remote_code)
+        c.model.trust_remote_code, max_slice_nums=c.data.max_slice_nums)
     if target.adapter:
         from peft import PeftModel
 

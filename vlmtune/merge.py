@@ -157,10 +157,19 @@ def _remove_weights(folder: Path) -> None:
 
 
 def _reload(folder: Path, dtype: torch.dtype, trust_remote_code: bool, device: str):
-    from transformers import AutoModelForImageTextToText
+    # what a user's plain from_pretrained gives (vlmtune's own class for the natively implemented families)
+    return load_model(folder, dtype, trust_remote_code=trust_remote_code).to(device).eval()
 
-    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
-    return model.to(device).eval()
+
+def _copy_remote_code(base: Path, folder: Path) -> list[str]:
+    """The base folder's Python files (the model's remote code, which vlmtune never runs), copied so the
+    merged folder loads wherever the original does: the official code with trust_remote_code, vLLM."""
+    copied = []
+    for path in sorted(base.glob("*.py")):
+        if not (folder / path.name).exists():
+            shutil.copy2(path, folder / path.name)
+            copied.append(path.name)
+    return copied
 
 
 def merge(checkpoint: str | Path, out: str | Path, tolerance: float = 1e-4, dtype: str = "fp32") -> dict:
@@ -227,6 +236,7 @@ def merge(checkpoint: str | Path, out: str | Path, tolerance: float = 1e-4, dtyp
     try:
         log(f"saving the merged model (fp32) to {tmp} ...")
         save_merged(merged, processor, tmp)
+        copied = _copy_remote_code(base_path, tmp) if "auto_map" in json.loads((tmp / "config.json").read_text()) else []
         del merged
         log("reloading it with plain transformers and comparing logits ...")
         reloaded = _reload(tmp, torch.float32, m.trust_remote_code, device)
@@ -245,6 +255,7 @@ def merge(checkpoint: str | Path, out: str | Path, tolerance: float = 1e-4, dtyp
             "base": m.name_or_path, "base_path": str(base_path.resolve()), "base_revision": m.revision,
             "max_abs_logit_diff": diff, "tolerance": tolerance, "verify_dtype": "fp32", "n_tokens": n_tokens,
             "batch": batch_source, "max_abs_logit": scale, "adapter_effect": adapter_effect, "dtype": dtype,
+            "remote_code_copied": copied,
         }
         if dtype != "fp32":
             record.update(_write_cast(reloaded, tmp, DTYPES[dtype], batch, reference, m.trust_remote_code, device))
@@ -265,8 +276,12 @@ def merge(checkpoint: str | Path, out: str | Path, tolerance: float = 1e-4, dtyp
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     record["out"] = str(out)
-    log(f"merged model: {out} (loads with AutoModelForImageTextToText.from_pretrained and "
-        "AutoProcessor.from_pretrained)")
+    if family.native:
+        log(f"merged model: {out} (official weight names and config: loads with vlmtune, and with the model's own "
+            "code where that runs)")
+    else:
+        log(f"merged model: {out} (loads with AutoModelForImageTextToText.from_pretrained and "
+            "AutoProcessor.from_pretrained)")
     return record
 
 

@@ -24,12 +24,17 @@ from vlmtune.config import RunConfig, load_config, save_config
 from vlmtune.data.check import CheckReport, apply_policy, check_samples
 from vlmtune.data.collate import Collator, EncodedDataset, LengthGroupedSampler
 from vlmtune.data.encode import Encoder
+from vlmtune.data.encode_cache import EncodeCache
+from vlmtune.data.packing import PackingCollator, check_packable, check_packing_attention, pack_length, packed_dataset
 from vlmtune.data.sample import Sample
 from vlmtune.errors import ConfigError
+from vlmtune.kernels import resolve_attention, resolve_liger
 from vlmtune.models import family_for
+from vlmtune.models.family import read_model_type
 from vlmtune.models.load import load_model, load_processor, pick_dtype, resolve_model_path
 from vlmtune.tracking import start_trackers
 from vlmtune.tuning import param_groups, prepare_model, trainable_summary
+from vlmtune.vision_cache import VisionCacheReport, VisionFeatureCache, check_config
 
 
 def is_main_process() -> bool:
@@ -42,19 +47,28 @@ def log(message: str) -> None:
 
 
 class VLMTrainer(Trainer):
-    """`Trainer` with three additions: optimizer groups per model part (vision_lr, projector_lr),
-    length-grouped batches when `train_lengths` (tokens per training sample) is given, and
+    """`Trainer` with four additions: optimizer groups per model part (vision_lr, projector_lr),
+    length-grouped batches when `train_lengths` (tokens per training sample) is given,
     generation on a fixed validation subset at every evaluation, its task metrics logged as
-    `val_<metric>` and its (image, prediction, reference) triples sent to the trackers."""
+    `val_<metric>` and its (image, prediction, reference) triples sent to the trackers, and
+    reuse of frozen vision features when `vision_cache` is given."""
 
     def __init__(self, *args, family=None, run_config: RunConfig | None = None, encoder: Encoder | None = None,
-                 gen_samples: list[Sample] | None = None, train_lengths: list[int] | None = None, **kwargs):
+                 gen_samples: list[Sample] | None = None, train_lengths: list[int] | None = None,
+                 vision_cache: VisionFeatureCache | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.family = family
         self.run_config = run_config
         self.encoder = encoder
         self.gen_samples = gen_samples or []
         self.train_lengths = train_lengths
+        self.vision_cache = vision_cache
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        if self.vision_cache is not None:  # pixels -> cached image features (vlmtune/vision_cache.py)
+            inputs = self.vision_cache.swap_pixels(self.accelerator.unwrap_model(model), inputs,
+                                                   self.accelerator.autocast)
+        return super().compute_loss(model, inputs, *args, **kwargs)
 
     def _get_train_sampler(self, train_dataset=None):
         if self.train_lengths is None:
@@ -135,7 +149,7 @@ def kept_lengths(report: CheckReport) -> list[int] | None:
     return [n for i, n in zip(measured, report.token_lengths) if i not in kinds]
 
 
-def training_arguments(config: RunConfig, out: Path, has_val: bool) -> TrainingArguments:
+def training_arguments(config: RunConfig, out: Path, has_val: bool, use_liger: bool = False) -> TrainingArguments:
     t = config.train
     dtype = pick_dtype(config.model.dtype)
     cpu_ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
@@ -149,6 +163,7 @@ def training_arguments(config: RunConfig, out: Path, has_val: bool) -> TrainingA
         gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.learning_rate,
         weight_decay=t.weight_decay,
+        adam_beta2=t.adam_beta2,
         warmup_steps=t.warmup_ratio,  # transformers 5: a float < 1 is a fraction of the steps
         lr_scheduler_type=t.lr_scheduler,
         max_grad_norm=t.max_grad_norm,
@@ -179,7 +194,9 @@ def training_arguments(config: RunConfig, out: Path, has_val: bool) -> TrainingA
         ddp_backend="gloo" if cpu_ddp else None,
         ddp_find_unused_parameters=False,
         save_only_model=False,
-        include_num_input_tokens_seen="non_padding",
+        # packed batches have no attention mask to count by, and no padding either
+        include_num_input_tokens_seen="all" if config.data.packing else "non_padding",
+        use_liger_kernel=use_liger,  # the Trainer applies Liger to the unwrapped model (vlmtune/kernels.py)
     )
 
 
@@ -210,8 +227,15 @@ def train(config: RunConfig, callbacks: list[TrainerCallback] | None = None) -> 
     resume_from = resume_point(config, out)
     path = resolve_model_path(config.model.name_or_path, config.model.hub, config.model.revision)
     family = family_for(path)
+    check_config(config, family)  # train.cache_vision_features: refused before anything loads
+    if config.data.packing:  # refused before anything loads, as are kernels that cannot run here
+        check_packable(family.name)
+        pack_length(config.data)
+    dtype = pick_dtype(config.model.dtype)
+    attention, attention_why = resolve_attention(config.model.attn_implementation, dtype)
+    use_liger, liger_why = resolve_liger(config.train.liger_kernel, read_model_type(path))
     processor = load_processor(path, family, config.data.min_pixels, config.data.max_pixels,
-                               config.model.trust_remote_code)
+                               config.model.trust_remote_code, config.data.max_slice_nums)
     encoder = Encoder(processor, family, prompt=config.data.prompt, system_prompt=config.data.system_prompt,
                       image_size=tuple(config.data.image_size) if config.data.image_size else None,
                       max_length=config.data.max_length)
@@ -228,11 +252,20 @@ def train(config: RunConfig, callbacks: list[TrainerCallback] | None = None) -> 
     # Seed before the adapters are created: their random init must follow train.seed, not
     # whatever ran before in this process (Trainer seeds only once the model exists).
     set_seed(config.train.seed)
-    model = load_model(path, pick_dtype(config.model.dtype), quantization, config.model.trust_remote_code,
-                       config.model.attn_implementation)
+    model = load_model(path, dtype, quantization, config.model.trust_remote_code, attention)
+    if config.data.max_slice_nums and family.native:  # saved folders must agree with their processor
+        model.config.set_max_slice_nums(config.data.max_slice_nums)
+    log(f"attention: {model.config._attn_implementation} ({attention_why}); "
+        f"Liger kernels: {'on' if use_liger else 'off'} ({liger_why})")
+    if config.data.packing:
+        check_packing_attention(model.config._attn_implementation)
     model = prepare_model(model, family, config.train, config.lora, config.train.gradient_checkpointing)
     log(f"model {config.model.name_or_path} ({family.name}), method {config.train.method}: "
         f"{trainable_summary(model, family)}")
+    vision_cache = None
+    if config.train.cache_vision_features:
+        vision_cache = VisionFeatureCache.for_model(model, family, config.train, out)
+        log(vision_cache.summary())
 
     if is_main_process():
         start_trackers(config, out)
@@ -240,18 +273,30 @@ def train(config: RunConfig, callbacks: list[TrainerCallback] | None = None) -> 
     if pad_id is None:
         pad_id = processor.tokenizer.eos_token_id
     callbacks = [JsonlMetrics(out / "metrics.jsonl"), CompleteCheckpoints(config, processor), *(callbacks or [])]
+    if vision_cache is not None:
+        callbacks.append(VisionCacheReport(vision_cache))
+    cache = EncodeCache(config.data.cache_dir, encoder) if config.data.cache_dir else None
+    keys = vision_cache is not None
+    train_data = EncodedDataset(train_samples, encoder, cache=cache, image_keys=keys)
+    collator = Collator(pad_id, concat_dims=family.concat_dims)
+    if config.data.packing:  # vlmtune/data/packing.py
+        train_data, packing_summary = packed_dataset(train_data, train_lengths, pack_length(config.data),
+                                                     config.train.seed)
+        log(packing_summary)
+        collator = PackingCollator(processor.image_processor.merge_size)
     trainer = VLMTrainer(
         model=model,
-        args=training_arguments(config, out, bool(val_samples)),
-        train_dataset=EncodedDataset(train_samples, encoder),
-        eval_dataset=EncodedDataset(val_samples, encoder) if val_samples else None,
-        data_collator=Collator(pad_id, concat_dims=family.concat_dims),
+        args=training_arguments(config, out, bool(val_samples), use_liger),
+        train_dataset=train_data,
+        eval_dataset=EncodedDataset(val_samples, encoder, cache=cache, image_keys=keys) if val_samples else None,
+        data_collator=collator,
         callbacks=callbacks,
         family=family,
         run_config=config,
         encoder=encoder,
         gen_samples=val_samples[: config.eval.num_samples],
-        train_lengths=train_lengths if config.data.group_by_length else None,
+        train_lengths=train_lengths if config.data.group_by_length and not config.data.packing else None,
+        vision_cache=vision_cache,
     )
     trainer.train(resume_from_checkpoint=resume_from)
 

@@ -12,23 +12,40 @@ from torch.utils.data import Dataset, Sampler
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from vlmtune.data.encode import IGNORE_INDEX, TOKEN_KEYS, Encoder
+from vlmtune.data.encode_cache import EncodeCache
 from vlmtune.data.sample import Sample
+from vlmtune.vision_cache import hash_images
 
 
 class EncodedDataset(Dataset):
-    """`samples[i]` encoded by `encoder` on access. `prompt_only` gives generation inputs."""
+    """`samples[i]` encoded by `encoder` on access. `prompt_only` gives generation inputs.
 
-    def __init__(self, samples: list[Sample], encoder: Encoder, prompt_only: bool = False):
+    Args:
+        cache: an on-disk `EncodeCache` (data.cache_dir) to read encoded samples from and fill.
+        image_keys: add `image_keys` [n_images, 2], a hash of each image's pixels and grid, computed
+            here in the DataLoader workers for the vision feature cache (train.cache_vision_features).
+    """
+
+    def __init__(self, samples: list[Sample], encoder: Encoder, prompt_only: bool = False,
+                 cache: EncodeCache | None = None, image_keys: bool = False):
         self.samples = samples
         self.encoder = encoder
         self.prompt_only = prompt_only
+        self.cache = cache
+        self.image_keys = image_keys
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         sample = self.samples[i]
-        return self.encoder.encode_prompt(sample) if self.prompt_only else self.encoder.encode(sample)
+        if self.cache is not None:
+            item = self.cache.encode(sample, self.prompt_only)
+        else:
+            item = self.encoder.encode_prompt(sample) if self.prompt_only else self.encoder.encode(sample)
+        if self.image_keys and "image_grid_thw" in item:
+            item["image_keys"] = hash_images(item["pixel_values"], item["image_grid_thw"])
+        return item
 
 
 class LengthGroupedSampler(Sampler[int]):

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vlmtune.models import generic, minicpmv4, qwen2_5_vl, qwen2_vl, qwen3_vl
-from vlmtune.models.family import Family, read_model_type
+from vlmtune.models import generic, minicpmv2, minicpmv4, qwen2_5_vl, qwen2_vl, qwen3_vl
+from vlmtune.models.family import Family, read_model_config
+from vlmtune.models.minicpmv import detect_arch
 
 FAMILIES: dict[str, Family] = {
     "qwen2_vl": qwen2_vl.FAMILY,
@@ -13,12 +14,20 @@ FAMILIES: dict[str, Family] = {
     "qwen3_vl": qwen3_vl.FAMILY,
     "minicpmv4_6": minicpmv4.MINICPMV4_6,
     "minicpmv4_7": minicpmv4.MINICPMV4_7,
+    **minicpmv2.FAMILIES,
 }
 
 
 def family_for(path: str | Path) -> Family:
-    """The family of the checkpoint in folder `path` (generic when not one vlmtune knows by name)."""
-    return FAMILIES.get(read_model_type(path), generic.FAMILY)
+    """The family of the checkpoint in folder `path` (generic when not one vlmtune knows by name).
+
+    Raises:
+        VlmtuneError: no readable config.json, or a MiniCPM-V version vlmtune does not implement.
+    """
+    config = read_model_config(path)
+    if config["model_type"] in minicpmv2.MODEL_TYPES:  # one model_type, several architectures
+        return FAMILIES[detect_arch(config, where=str(Path(path) / "config.json"))]
+    return FAMILIES.get(config["model_type"], generic.FAMILY)
 
 
 __all__ = ["FAMILIES", "Family", "family_for"]

@@ -31,6 +31,7 @@ class Family:
     # Image tensors are concatenated along dim 0 across segments and batch rows, except those named
     # here: MiniCPM-V 4.x packs every patch of a batch into one [1, C, patch, L] row, joined along L.
     concat_dims: tuple[tuple[str, int], ...] = ()
+    native: bool = False  # vlmtune's own model and processor classes load it, not transformers' Auto classes
 
     def concat_dim(self, key: str) -> int:
         return dict(self.concat_dims).get(key, 0)
@@ -44,11 +45,18 @@ class Family:
         return "other"
 
 
-def read_model_type(path: str | Path) -> str:
+def read_model_config(path: str | Path) -> dict:
+    """`config.json` of the model folder `path`, which must name a model_type."""
     config = Path(path) / "config.json"
     try:
-        return json.loads(config.read_text())["model_type"]
+        data = json.loads(config.read_text())
+        data["model_type"]
+        return data
     except FileNotFoundError:
         raise VlmtuneError(f"{config}: not found; is {path} a model folder?") from None
-    except (json.JSONDecodeError, KeyError) as e:
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise VlmtuneError(f"{config}: cannot read model_type ({e})") from None
+
+
+def read_model_type(path: str | Path) -> str:
+    return read_model_config(path)["model_type"]

@@ -63,7 +63,17 @@ def _check_remote_code(path: Path, trust_remote_code: bool) -> None:
 
 
 def load_processor(path: Path, family: Family, min_pixels: int | None = None, max_pixels: int | None = None,
-                   trust_remote_code: bool = False):
+                   trust_remote_code: bool = False, max_slice_nums: int | None = None):
+    """The processor in `path` (a model folder, or a checkpoint folder vlmtune saved one into).
+
+    Args:
+        min_pixels, max_pixels: per-image pixel budget (Qwen families).
+        max_slice_nums: most slices per image (MiniCPM-V 2.x); None keeps the checkpoint's.
+    """
+    if family.native:  # vlmtune's own processor reads the folder as data; its Python files never run
+        from vlmtune.models.minicpmv.processing import load_minicpm_processor
+
+        return load_minicpm_processor(path, max_slice_nums=max_slice_nums)
     from transformers import AutoProcessor
 
     if (Path(path) / "config.json").is_file():  # a LoRA checkpoint folder has a processor but no config.json
@@ -82,15 +92,21 @@ def load_processor(path: Path, family: Family, min_pixels: int | None = None, ma
 
 def load_model(path: Path, dtype: torch.dtype, quantization: str | None = None, trust_remote_code: bool = False,
                attn_implementation: str | None = None, device_map=None):
-    """The model in `path` as an `AutoModelForImageTextToText`.
+    """The model in `path`: an `AutoModelForImageTextToText`, or vlmtune's own class for the families
+    it implements natively (MiniCPM-V 2.x), whatever Python files the folder holds.
 
     Args:
         quantization: None, "4bit" or "8bit" (QLoRA, through bitsandbytes on a CUDA device).
     """
     from transformers import AutoModelForImageTextToText
 
-    _check_remote_code(path, trust_remote_code)
-    kwargs: dict = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if family_for(path).native:
+        from vlmtune.models.minicpmv.modeling import MiniCPMVForConditionalGeneration as model_class
+        kwargs: dict = {"dtype": dtype}
+    else:
+        model_class = AutoModelForImageTextToText
+        _check_remote_code(path, trust_remote_code)
+        kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if device_map is not None:
@@ -108,15 +124,16 @@ def load_model(path: Path, dtype: torch.dtype, quantization: str | None = None, 
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=quantization == "4bit", load_in_8bit=quantization == "8bit",
             bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True)
-    return AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    return model_class.from_pretrained(path, **kwargs)
 
 
 def load_model_and_processor(name_or_path: str, hub: str = "hf", revision: str | None = None, dtype: str = "auto",
                              min_pixels: int | None = None, max_pixels: int | None = None,
-                             trust_remote_code: bool = False, quantization: str | None = None):
+                             trust_remote_code: bool = False, quantization: str | None = None,
+                             max_slice_nums: int | None = None):
     """(model, processor, family, local path) in one call, for commands that just need to run a model."""
     path = resolve_model_path(name_or_path, hub, revision)
     family = family_for(path)
-    processor = load_processor(path, family, min_pixels, max_pixels, trust_remote_code)
+    processor = load_processor(path, family, min_pixels, max_pixels, trust_remote_code, max_slice_nums)
     model = load_model(path, pick_dtype(dtype), quantization, trust_remote_code)
     return model, processor, family, path

@@ -184,7 +184,33 @@ def _minicpmv4_parts(family: str, hidden: int, layers: int, heads: int, vision_d
     return processor, config
 
 
-TINY_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "minicpmv4_6", "minicpmv4_7")
+def _build_tiny_minicpm(arch: str, out: Path, hidden: int, layers: int, heads: int, vision_dim: int,
+                        vision_depth: int, image_size: int, seed: int) -> None:
+    """A tiny MiniCPM-V 2.0 / 2.6 / MiniCPM-o 2.6 folder laid out like the official one, on vlmtune's
+    own classes. Images are sliced at half of `image_size`, so a test image of that side is cut into
+    a 2x2 grid: every tiny run goes through slicing, 4 image queries per slice."""
+    from vlmtune.models.minicpmv.tiny import build_tiny_minicpm_model, tiny_minicpm_config
+    from vlmtune.models.minicpmv.tiny_tokenizer import build_tiny_processor
+
+    slicing = dict(scale_resolution=max(28, image_size // 2), query_num=4, max_slice_nums=4)
+    processor = build_tiny_processor(arch, **slicing)
+    tok = processor.tokenizer
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    if ids["bos_token_id"] is None:  # the Qwen2 tokenizer of 2.6 has no BOS; its config names <|endoftext|>
+        ids["bos_token_id"] = tok.pad_token_id
+    config = tiny_minicpm_config(arch, len(tok), hidden=hidden, layers=layers, heads=heads, kv_heads=max(1, heads // 2),
+                                 vision_dim=vision_dim, vision_depth=vision_depth, vision_image_size=image_size,
+                                 **slicing, **ids)
+    model = build_tiny_minicpm_model(config, seed=seed)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+
+
+MINICPM_TINY = ("minicpmv2", "minicpmv2_6", "minicpmo2_6")  # vlmtune's own implementation
+TINY_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "minicpmv4_6", "minicpmv4_7", *MINICPM_TINY)
 
 
 def build_tiny_model(family: str, out: str | Path, hidden: int = 64, layers: int = 2, heads: int = 4,
@@ -198,6 +224,10 @@ def build_tiny_model(family: str, out: str | Path, hidden: int = 64, layers: int
     if family not in TINY_FAMILIES:
         raise VlmtuneError(f"no tiny model for family {family!r}; choose one of {', '.join(TINY_FAMILIES)}")
     out = Path(out)
+    if family in MINICPM_TINY:
+        _build_tiny_minicpm(family, out, hidden, layers, heads, vision_dim, vision_depth, image_size, seed)
+        _write_tiny_record(out, family, hidden, layers, heads, vision_dim, vision_depth, image_size, seed)
+        return out
     if family.startswith("minicpmv4"):
         processor, config = _minicpmv4_parts(family, hidden, layers, heads, vision_dim, vision_depth, image_size)
     else:
@@ -213,14 +243,19 @@ def build_tiny_model(family: str, out: str | Path, hidden: int = 64, layers: int
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    (out / "vlmtune_tiny.json").write_text(json.dumps(
-        {"family": family, "hidden": hidden, "layers": layers, "heads": heads, "vision_dim": vision_dim,
-         "vision_depth": vision_depth, "image_size": image_size, "seed": seed}, indent=2))
+    _write_tiny_record(out, family, hidden, layers, heads, vision_dim, vision_depth, image_size, seed)
     return out
 
 
-def tiny_model_command(*, out: str, family: Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "minicpmv4_6",
-                                                    "minicpmv4_7"] = "qwen2_vl",
+def _write_tiny_record(out: Path, family: str, hidden: int, layers: int, heads: int, vision_dim: int,
+                       vision_depth: int, image_size: int, seed: int) -> None:
+    (out / "vlmtune_tiny.json").write_text(json.dumps(
+        {"family": family, "hidden": hidden, "layers": layers, "heads": heads, "vision_dim": vision_dim,
+         "vision_depth": vision_depth, "image_size": image_size, "seed": seed}, indent=2))
+
+
+def tiny_model_command(*, out: str, family: Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "minicpmv4_6", "minicpmv4_7",
+                                                    "minicpmv2", "minicpmv2_6", "minicpmo2_6"] = "qwen2_vl",
                        hidden: int = 64, layers: int = 2, vision_dim: int = 32, vision_depth: int = 2,
                        image_size: int = 112, seed: int = 0) -> int:
     """Build a random-weight tiny checkpoint of a model family, offline.
@@ -233,7 +268,7 @@ def tiny_model_command(*, out: str, family: Literal["qwen2_vl", "qwen2_5_vl", "q
         vision_dim: Width of the vision encoder.
         vision_depth: Number of vision-encoder blocks.
         image_size: Side of the square pixel budget the processor resizes images to (MiniCPM-V 4.x: the
-            slicing scale_resolution).
+            slicing scale_resolution; MiniCPM-V 2.x: twice it, so such an image is cut into 2x2 slices).
         seed: Random seed for the weights.
     """
     path = build_tiny_model(family, out, hidden=hidden, layers=layers, vision_dim=vision_dim,

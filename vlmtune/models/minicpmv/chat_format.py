@@ -31,6 +31,7 @@ Step 2, the frame:
 
 from __future__ import annotations
 
+from vlmtune.data.sample import DataError
 from vlmtune.errors import VlmtuneError
 
 IMAGE_TAG = "(<image>./</image>)"  # what `chat()` writes for an image; the processor expands it
@@ -101,7 +102,8 @@ def string_messages(messages: list[dict], version: float) -> list[dict]:
         if role not in allowed:
             extra = " (MiniCPM-V 2.0's chat format has no system turn: drop data.system_prompt / the system turn)" \
                 if role == "system" else ""
-            raise VlmtuneError(f"MiniCPM-V {version} chat format: message {i} has role {role!r}; "
-                               f"use one of {', '.join(allowed)}{extra}")
+            # a DataError: the pre-flight check lists it against the record (FILE:INDEX) instead of stopping
+            raise DataError(f"MiniCPM-V {version} chat format: message {i} has role {role!r}; "
+                            f"use one of {', '.join(allowed)}{extra}")
         out.append({"role": role, "content": content_text(message.get("content", ""))})
     return out

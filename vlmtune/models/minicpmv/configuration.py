@@ -55,6 +55,14 @@ class MiniCPMVConfig(PretrainedConfig):
         return detect_arch({"model_type": self.model_type, **{k: v for k, v in self.__dict__.items()
                                                             if k in ("version", "vision_encoder", "scale_emb")}})
 
+    def set_max_slice_nums(self, n: int) -> None:
+        """Most slices per image, where this version's config.json keeps it (2.6: `slice_config`, 2.0: top
+        level), so that a folder saved after a run with another value still loads with its processor."""
+        if isinstance(self.__dict__.get("slice_config"), dict):
+            self.slice_config["max_slice_nums"] = int(n)
+        if "max_slice_nums" in self.__dict__ or self.arch == MINICPMV2:
+            self.max_slice_nums = int(n)
+
     def llm_config(self) -> PretrainedConfig:
         """A fresh transformers config for the language model (Qwen2 for 2.6 / o-2.6, Llama-shaped for 2.0)."""
         d = self.__dict__
