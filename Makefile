@@ -25,6 +25,7 @@ test: $(STAMP)
 	$(VENV)/bin/pytest -q --durations=15
 
 bench: $(STAMP)
+	$(VENV)/bin/python bench/train_speed.py
 	$(VENV)/bin/python bench/eval_speed.py
 	$(VENV)/bin/python bench/vision_cache.py
 	$(VENV)/bin/python bench/plan_validation.py
