@@ -85,3 +85,28 @@ def test_train_refuses_kernels_that_cannot_run_before_anything_loads(tiny_qwen2_
     with pytest.raises(ConfigError, match="cannot run here"):
         train(load_config(None, base_overrides(tiny_qwen2_vl, caption_data["train"], tmp_path / "run", setting)))
     assert not (tmp_path / "run").exists()  # refused before the data check and the run folder
+
+
+def test_auto_attention_asks_the_model_class(tiny_model_dir, tmp_path):
+    """`auto` never picks flash-attention for a class that does not support it (Blip-2, Mllama, ...):
+    the class comes from config.json, and vlmtune's own MiniCPM class is named for its families."""
+    import json
+
+    from transformers import Blip2ForConditionalGeneration, Qwen2VLForConditionalGeneration
+
+    from vlmtune.models import family_for
+    from vlmtune.models.load import model_class
+    from vlmtune.models.minicpmv.modeling import MiniCPMVForConditionalGeneration
+
+    qwen = tiny_model_dir("qwen2_vl")
+    assert model_class(qwen, family_for(qwen)) is Qwen2VLForConditionalGeneration
+    minicpm = tiny_model_dir("minicpmv2_6")
+    assert model_class(minicpm, family_for(minicpm)) is MiniCPMVForConditionalGeneration
+    blip = tmp_path / "blip2"
+    blip.mkdir()
+    (blip / "config.json").write_text(json.dumps({"model_type": "blip-2"}))
+    cls = model_class(blip, family_for(blip))
+    assert cls is Blip2ForConditionalGeneration and not cls._supports_flash_attn
+    attention, why = resolve_attention("auto", torch.bfloat16, cls)
+    assert attention is None and "Blip2ForConditionalGeneration does not support flash-attention" in why
+    assert resolve_attention("auto", torch.bfloat16, MiniCPMVForConditionalGeneration)[0] in (None, FLASH)

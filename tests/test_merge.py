@@ -245,7 +245,7 @@ def test_native_minicpm_merge_keeps_the_official_layout(runs, tmp_path, family):
         f"model.name_or_path={tiny}", f"data.train={runs['data']}", "train.max_steps=3", "train.batch_size=2",
         "train.grad_accum=1", "lora.r=4", "eval.num_samples=0", f"train.output_dir={tmp_path / 'run'}",
         "train.learning_rate=0.01", "train.save_steps=100", "train.freeze_projector=false",
-        "train.freeze_vision=false"]))
+        "train.freeze_vision=false", "data.max_slice_nums=2"]))  # the tiny checkpoints say 4
     out = tmp_path / "merged"
     record = merge(run, out)
     assert record["max_abs_logit_diff"] <= TOL and record["adapter_effect"] > 0.05
@@ -254,7 +254,8 @@ def test_native_minicpm_merge_keeps_the_official_layout(runs, tmp_path, family):
     assert load_file(out / "model.safetensors").keys() == load_file(tiny / "model.safetensors").keys()
     assert json.loads((out / "config.json").read_text()).keys() == json.loads((tiny / "config.json").read_text()).keys()
     assert family_of(out).name == family
-    processor = load_processor(out, family_of(out))
+    processor = load_processor(out, family_of(out))  # config.json and preprocessor_config.json must agree
+    assert processor.image_processor.max_slice_nums == 2
     batch = probe_batch(processor, runs["data"].parent / "images" / "1.png")
     got = logits(load_model(out, torch.float32), batch)
     reference = logits(PeftModel.from_pretrained(load_model(tiny, torch.float32), run / "final"), batch)

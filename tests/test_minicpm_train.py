@@ -95,6 +95,10 @@ def test_eval_and_chat_commands_on_a_minicpm_adapter(tiny_model_dir, caption_dat
     model = tiny_model_dir("minicpmv2_6")
     out = train(load_config(None, tiny_run_overrides(model, caption_data["train"], tmp_path / "run", "lora.r=4",
                                                      f"data.val={caption_data['val']}", "data.max_slice_nums=2")))
+    from vlmtune.evaluate import load_for_eval, resolve_target
+
+    _, processor, _ = load_for_eval(resolve_target(str(out), None, None))
+    assert processor.image_processor.max_slice_nums == 2  # the run's setting, not the checkpoint's 4
     result = run_cli(["eval", str(out), "--compare-base", "--max-new-tokens", "3"], HOME=str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     compare = json.loads((out / "eval" / "compare.json").read_text())
@@ -107,3 +111,23 @@ def test_eval_and_chat_commands_on_a_minicpm_adapter(tiny_model_dir, caption_dat
     chat = run_cli(["chat", str(out), "--image", image, "--prompt", "What is in the image?", "--max-new-tokens", "3"],
                    HOME=str(tmp_path))
     assert chat.returncode == 0, chat.stderr[-3000:]
+
+
+def test_data_check_counts_tokens_with_the_runs_max_slice_nums(tiny_model_dir, caption_data, capsys):
+    """`vlmtune data check --max-slice-nums` measures what `train` with data.max_slice_nums will: a 112 px
+    image is cut into 2x2 slices by the tiny checkpoint (4 allowed), and not at all with 1."""
+    from vlmtune import cli
+    from vlmtune.data.encode import Encoder
+    from vlmtune.data.formats import load_samples
+
+    model = tiny_model_dir("minicpmv2_6")
+    family = family_for(model)
+    sample = load_samples(caption_data["train"])[0]
+    sliced = Encoder(load_processor(model, family), family).count_tokens(sample)
+    whole = Encoder(load_processor(model, family, max_slice_nums=1), family).count_tokens(sample)
+    assert whole < sliced
+    limit = str((whole + sliced) // 2)
+    assert cli.main(["data", "check", caption_data["train"], "--model", str(model), "--max-length", limit]) == 1
+    assert "too long" in capsys.readouterr().out
+    assert cli.main(["data", "check", caption_data["train"], "--model", str(model), "--max-length", limit,
+                     "--max-slice-nums", "1"]) == 0

@@ -183,7 +183,6 @@ def test_full_finetuning_of_an_8b_model_on_a_24gib_gpu_gets_lora_and_qlora_sugge
     assert found["train.method=lora"].estimate.optimizer < plan.estimate.optimizer / 50  # 40M of 8.1B train
 
 
-@pytest.mark.skipif(not hasattr(__import__("vlmtune.config").config.DataConfig(), "packing"), reason="no data.packing")
 def test_packing_is_planned_as_one_row_with_a_block_mask(tiny_qwen2_vl):
     base = [f"model.name_or_path={tiny_qwen2_vl}", "train.batch_size=4", "data.max_length=512"]
     padded = make_plan(load_config(None, base), device="cpu")

@@ -308,3 +308,27 @@ def test_cli_train_writes_tracker_files_and_prediction_samples(cli_run):
         assert all({"prediction", "reference", "images"} <= set(r) for r in rows)
         assert {r["reference"] for r in rows} == {"a red circle", "a green square"}
         assert all(re.fullmatch(r".*\.png", r["images"][0]) for r in rows)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_fp16_runs_train_fp32_weights_and_keep_frozen_ones_fp16(tiny_model_dir, method):
+    """fp16 mixed precision: what trains (adapters, the tuned vision tower, a full model's unfrozen
+    parts) is upcast to fp32, the frozen weights stay fp16; a 1e-6 step then moves every trained
+    weight, which in fp16 it mostly would not."""
+    from vlmtune.config import LoraConfig, TrainConfig
+    from vlmtune.models import family_for
+    from vlmtune.models.load import load_model
+    from vlmtune.tuning import prepare_model, upcast_trainable
+
+    path = tiny_model_dir("minicpmv2_6")
+    family = family_for(path)
+    model = load_model(path, torch.float16)
+    model = prepare_model(model, family, TrainConfig(method=method, freeze_vision=False), LoraConfig(r=4))
+    assert upcast_trainable(model) > 0
+    trained = [p for p in model.parameters() if p.requires_grad]
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    assert trained and all(p.dtype == torch.float32 for p in trained)
+    assert frozen and all(p.dtype == torch.float16 for p in frozen)
+    weight = next(p for n, p in model.named_parameters() if p.requires_grad and n.endswith("weight") and p.dim() == 2)
+    assert ((weight.data - 1e-6) != weight.data).float().mean() > 0.99  # fp16 would keep most weights as they are
+    assert ((weight.data.half() - 1e-6).half() == weight.data.half()).float().mean() > 0.5

@@ -30,7 +30,7 @@ class ModelConfig:
     revision: str | None = None  # hub revision (branch, tag or commit)
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16/fp16 on GPU, fp32 on CPU
     trust_remote_code: bool = False  # run Python code shipped in the model folder (off unless you ask)
-    attn_implementation: str | None = "auto"  # auto: flash_attention_2 if flash-attn, CUDA, bf16/fp16; else sdpa
+    attn_implementation: str | None = "auto"  # auto: flash_attention_2 if flash-attn, CUDA, bf16/fp16 and the model supports it; else transformers' default (sdpa)
 
 
 @dataclass

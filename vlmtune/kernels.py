@@ -61,8 +61,12 @@ def flash_attention_support(dtype: torch.dtype) -> tuple[bool, str]:
     return True, f"flash-attn {_version('flash-attn')} imports, CUDA device, {str(dtype).removeprefix('torch.')}"
 
 
-def resolve_attention(setting: str | None, dtype: torch.dtype) -> tuple[str | None, str]:
+def resolve_attention(setting: str | None, dtype: torch.dtype, model_class: type | None = None) -> tuple[str | None, str]:
     """The `attn_implementation` to load the model with (None: transformers' default), and why.
+
+    Args:
+        model_class: the class that will load the model; `auto` picks flash-attention only where that
+            class says it supports it (about a fifth of transformers' image-text models do not).
 
     Raises:
         ConfigError: flash_attention_2 asked for where it cannot run.
@@ -70,6 +74,8 @@ def resolve_attention(setting: str | None, dtype: torch.dtype) -> tuple[str | No
     if setting is None:
         return None, "model.attn_implementation=null: transformers' default"
     if setting == "auto":
+        if model_class is not None and not getattr(model_class, "_supports_flash_attn", False):
+            return None, f"auto: transformers' default, since {model_class.__name__} does not support flash-attention"
         ok, why = flash_attention_support(dtype)
         return (FLASH, f"auto: {why}") if ok else (None, f"auto: transformers' default, since {why}")
     if setting == FLASH:

@@ -235,11 +235,15 @@ def merge(checkpoint: str | Path, out: str | Path, tolerance: float = 1e-4, dtyp
     tmp.mkdir()  # not mkdtemp: that makes a private (0700) folder, and this one becomes `out`
     try:
         log(f"saving the merged model (fp32) to {tmp} ...")
+        if family.native:  # a run's data.max_slice_nums lives in its processor; config.json must agree
+            merged.config.set_max_slice_nums(processor.image_processor.max_slice_nums)
         save_merged(merged, processor, tmp)
         copied = _copy_remote_code(base_path, tmp) if "auto_map" in json.loads((tmp / "config.json").read_text()) else []
         del merged
-        log("reloading it with plain transformers and comparing logits ...")
+        log("reloading it as a user would (plain transformers; vlmtune's own classes for MiniCPM-V 2.x) and "
+            "comparing logits ...")
         reloaded = _reload(tmp, torch.float32, m.trust_remote_code, device)
+        load_processor(tmp, family, trust_remote_code=m.trust_remote_code)  # the folder's processor loads too
         diff = (logits_of(reloaded, batch) - reference).abs().max().item()
         scale = reference.abs().max().item()
         if not diff <= tolerance:  # `not <=` also catches NaN

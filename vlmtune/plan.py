@@ -113,7 +113,7 @@ def make_plan(config: RunConfig, device: str = "cuda", gpus: int = 1, images: in
     dtype = {"auto": 2 if device == "cuda" else 4, "bf16": 2, "fp16": 2, "fp32": 4}[config.model.dtype]
     size = tuple(d.image_size) if d.image_size else None
     patches, tokens, sequences = summary.image.per_image(size, d.max_pixels, d.min_pixels,
-                                                         getattr(d, "max_slice_nums", None))
+                                                         d.max_slice_nums)
     notes = []
     # "auto" picks flash-attention only where flash-attn is installed on the training machine: plan with sdpa
     attention = config.model.attn_implementation or "sdpa"
@@ -121,14 +121,14 @@ def make_plan(config: RunConfig, device: str = "cuda", gpus: int = 1, images: in
         notes.append("model.attn_implementation=auto is planned as sdpa; with flash-attn installed (flash_attention_2) "
                      "the padding-mask terms disappear")
     rows, length = t.batch_size, d.max_length
-    if getattr(d, "packing", False):  # one row of batch_size packs, kept apart by a block mask
-        pack = getattr(d, "pack_length", None) or d.max_length
+    if d.packing:  # one row of batch_size packs, kept apart by a block mask
+        pack = d.pack_length or d.max_length
         rows, length, padded = 1, t.batch_size * pack, True
         images = t.batch_size * max(images, pack // max(1, tokens))
         notes.append(f"data.packing: one row of {t.batch_size} packs x {pack} tokens, planned with packs full of "
                      f"samples that are mostly image ({images} images in the row)")
-    liger = getattr(t, "liger_kernel", False) is True
-    if getattr(t, "liger_kernel", False) == "auto" and device == "cuda":
+    liger = t.liger_kernel is True
+    if t.liger_kernel == "auto" and device == "cuda":
         notes.append("train.liger_kernel=auto is planned without Liger; where liger-kernel runs, its fused "
                      "cross-entropy removes most of the 'loss' memory (plan with train.liger_kernel=true)")
     setup = Setup(method=t.method, dtype_bytes=dtype, cuda=device == "cuda", batch_size=rows,
@@ -139,7 +139,7 @@ def make_plan(config: RunConfig, device: str = "cuda", gpus: int = 1, images: in
                   lora_r=config.lora.r, lora_dropout=config.lora.dropout, grad_accum=t.grad_accum, gpus=gpus,
                   **read_deepspeed(t.deepspeed))
     trainable = Trainable.of(summary, t, config.lora)
-    if not getattr(d, "packing", False) and images * tokens > d.max_length:
+    if not d.packing and images * tokens > d.max_length:
         notes.append(f"{images} image(s) at this pixel budget make {images * tokens} tokens, more than data.max_length="
                      f"{d.max_length}: such samples are rejected by the pre-flight check")
     return Plan(config, summary, trainable, setup, estimate(summary, trainable, setup), tokens, images, notes)

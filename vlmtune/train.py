@@ -31,9 +31,9 @@ from vlmtune.errors import ConfigError
 from vlmtune.kernels import resolve_attention, resolve_liger
 from vlmtune.models import family_for
 from vlmtune.models.family import read_model_type
-from vlmtune.models.load import load_model, load_processor, pick_dtype, resolve_model_path
+from vlmtune.models.load import load_model, load_processor, model_class, pick_dtype, resolve_model_path
 from vlmtune.tracking import start_trackers
-from vlmtune.tuning import param_groups, prepare_model, trainable_summary
+from vlmtune.tuning import param_groups, prepare_model, trainable_summary, upcast_trainable
 from vlmtune.vision_cache import VisionCacheReport, VisionFeatureCache, check_config
 
 
@@ -178,7 +178,7 @@ def training_arguments(config: RunConfig, out: Path, has_val: bool, use_liger: b
         eval_steps=t.eval_steps,
         eval_on_start=t.eval_on_start and has_val,
         bf16=dtype == torch.bfloat16,
-        fp16=dtype == torch.float16 and t.method != "full",
+        fp16=dtype == torch.float16,  # autocast + loss scaling; the trained weights are fp32 (upcast_trainable)
         activation_checkpointing=t.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         dataloader_pin_memory=torch.cuda.is_available(),
@@ -232,7 +232,7 @@ def train(config: RunConfig, callbacks: list[TrainerCallback] | None = None) -> 
         check_packable(family.name)
         pack_length(config.data)
     dtype = pick_dtype(config.model.dtype)
-    attention, attention_why = resolve_attention(config.model.attn_implementation, dtype)
+    attention, attention_why = resolve_attention(config.model.attn_implementation, dtype, model_class(path, family))
     use_liger, liger_why = resolve_liger(config.train.liger_kernel, read_model_type(path))
     processor = load_processor(path, family, config.data.min_pixels, config.data.max_pixels,
                                config.model.trust_remote_code, config.data.max_slice_nums)
@@ -260,6 +260,8 @@ def train(config: RunConfig, callbacks: list[TrainerCallback] | None = None) -> 
     if config.data.packing:
         check_packing_attention(model.config._attn_implementation)
     model = prepare_model(model, family, config.train, config.lora, config.train.gradient_checkpointing)
+    if dtype == torch.float16:
+        upcast_trainable(model)
     log(f"model {config.model.name_or_path} ({family.name}), method {config.train.method}: "
         f"{trainable_summary(model, family)}")
     vision_cache = None

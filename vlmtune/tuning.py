@@ -95,6 +95,20 @@ def prepare_model(model: nn.Module, family: Family, train: TrainConfig, lora: Lo
     return get_peft_model(model, peft_config)
 
 
+def upcast_trainable(model: nn.Module) -> int:
+    """Cast every trainable parameter to fp32 and return how many were cast.
+
+    For fp16 runs: an fp16 weight cannot take a small update (at lr 1e-6, most N(0, 0.02) weights do
+    not change at all) and the fp16 gradient scaler refuses fp16 gradients, so what trains is kept in
+    fp32 while frozen weights stay fp16 and autocast computes in fp16, as mixed precision intends."""
+    cast = 0
+    for param in model.parameters():
+        if param.requires_grad and param.dtype == torch.float16:
+            param.data = param.data.float()
+            cast += 1
+    return cast
+
+
 def trainable_summary(model: nn.Module, family: Family) -> str:
     """e.g. 'trainable 1.2M of 2.2B parameters (0.05%): llm 1.2M'."""
     total, per_part = 0, Counter()

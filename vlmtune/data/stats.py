@@ -155,7 +155,8 @@ def plot_tokens(tokens: list[int], path: str | Path, max_length: int | None = No
 
 
 def stats_command(data: str, model: str | None = None, max_length: int | None = None, plot: str | None = None,
-                  prompt: str | None = None, format: str | None = None, max_pixels: int | None = None) -> int:
+                  prompt: str | None = None, format: str | None = None, max_pixels: int | None = None,
+                  max_slice_nums: int | None = None) -> int:
     """Sample, turn, image and text-length statistics; token lengths and a histogram with --model.
 
     Args:
@@ -168,6 +169,7 @@ def stats_command(data: str, model: str | None = None, max_length: int | None = 
         prompt: Text appended to user turns that hold only images (as data.prompt in a config).
         format: Force the input format (minicpm, qwen, messages, llava, csv) instead of detecting it.
         max_pixels: Per-image pixel budget (Qwen families), as in the training config.
+        max_slice_nums: Most slices per image (MiniCPM-V 2.x), as data.max_slice_nums in the training config.
     """
     from vlmtune.data.formats import read_dataset
 
@@ -182,7 +184,8 @@ def stats_command(data: str, model: str | None = None, max_length: int | None = 
 
         path = resolve_model_path(model)
         family = family_for(path)
-        encoder = Encoder(load_processor(path, family, max_pixels=max_pixels), family, prompt=prompt)
+        encoder = Encoder(load_processor(path, family, max_pixels=max_pixels, max_slice_nums=max_slice_nums), family,
+                          prompt=prompt)
     stats = compute_stats(samples, encoder)
     print(f"{data}: {stats.n_samples} samples ({fmt})")
     print(format_stats(stats, max_length, model))

@@ -90,6 +90,23 @@ def load_processor(path: Path, family: Family, min_pixels: int | None = None, ma
     return processor
 
 
+def model_class(path: Path, family: Family) -> type:
+    """The class `load_model` loads `path` with (read from config.json, nothing imported from the folder)."""
+    if family.native:
+        from vlmtune.models.minicpmv.modeling import MiniCPMVForConditionalGeneration
+
+        return MiniCPMVForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    name = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(json.loads((Path(path) / "config.json").read_text())["model_type"])
+    if name is None:
+        return AutoModelForImageTextToText  # remote code: only trust_remote_code would tell
+    import transformers
+
+    return getattr(transformers, name)
+
+
 def load_model(path: Path, dtype: torch.dtype, quantization: str | None = None, trust_remote_code: bool = False,
                attn_implementation: str | None = None, device_map=None):
     """The model in `path`: an `AutoModelForImageTextToText`, or vlmtune's own class for the families
