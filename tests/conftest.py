@@ -179,3 +179,20 @@ def cli_run(tmp_path_factory, tiny_qwen2_vl, caption_data) -> dict:
                       "lora.alpha=8"], HOME=str(root))
     return {"result": result, "out": out, "config": config,
             "overrides": [f"train.output_dir={out}", "train.learning_rate=0.001", "lora.alpha=8"]}
+
+
+def trained_runs(labels) -> list[list[int]]:
+    """The maximal runs of label ids that are not IGNORE_INDEX (-100), in order."""
+    from vlmtune.data.encode import IGNORE_INDEX
+
+    runs, current = [], []
+    for value in labels.tolist():
+        if value == IGNORE_INDEX:
+            if current:
+                runs.append(current)
+            current = []
+        else:
+            current.append(value)
+    if current:
+        runs.append(current)
+    return runs

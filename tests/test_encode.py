@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import draw, write_json
+from conftest import draw, trained_runs, write_json
 from vlmtune.data.collate import Collator, EncodedDataset
 from vlmtune.data.encode import IGNORE_INDEX, Encoder
 from vlmtune.data.formats import load_samples
@@ -17,21 +17,6 @@ from vlmtune.data.sample import IMAGE, Sample, Turn
 SYSTEM = "You describe pictures."
 ANSWER1 = "a red circle"
 ANSWER2 = "a blue square on the left"
-
-
-def trained_runs(labels: torch.Tensor) -> list[list[int]]:
-    """The maximal runs of label ids that are not IGNORE_INDEX, in order."""
-    runs, current = [], []
-    for value in labels.tolist():
-        if value == IGNORE_INDEX:
-            if current:
-                runs.append(current)
-            current = []
-        else:
-            current.append(value)
-    if current:
-        runs.append(current)
-    return runs
 
 
 def rgb(path: str) -> Image.Image:

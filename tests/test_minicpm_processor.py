@@ -28,7 +28,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import write_json
+from conftest import trained_runs, write_json
 from vlmtune.data.encode import IGNORE_INDEX, Encoder
 from vlmtune.data.formats import load_samples
 from vlmtune.data.sample import Sample, Turn
@@ -57,18 +57,6 @@ def family(version: str) -> Family:
 
 def ids(processor, text: str) -> list[int]:
     return processor.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def trained_runs(labels: torch.Tensor) -> list[list[int]]:
-    runs, current = [], []
-    for value in labels.tolist() + [IGNORE_INDEX]:
-        if value == IGNORE_INDEX:
-            if current:
-                runs.append(current)
-            current = []
-        else:
-            current.append(value)
-    return runs
 
 
 def check_contract(enc: dict, q: int = 4, p: int = 14) -> None:
