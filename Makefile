@@ -1,5 +1,6 @@
 # make demo   - the offline demo: synthetic data, tiny model, fine-tune, before/after metrics, report
-# make test   - the CPU test suite (offline, minutes)
+# make test   - the CPU test suite (offline, minutes), the fault and resume cases included
+# make test-fast - the same without the long end-to-end fault and resume cases (marked `long`)
 # make bench  - benchmarks under bench/ (not part of the tests)
 # Each target creates .venv and installs vlmtune with pinned dependencies first, if needed.
 
@@ -8,11 +9,12 @@ VENV := .venv
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-fast bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q -e '.[dev]'
+	$(VENV)/bin/pip install -q --no-deps pycocoevalcap==1.2
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
@@ -23,6 +25,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -q --durations=15
+
+test-fast: $(STAMP)
+	$(VENV)/bin/pytest -q --durations=15 -m 'not gpu and not slow and not long'
 
 bench: $(STAMP)
 	$(VENV)/bin/python bench/train_speed.py

@@ -33,10 +33,13 @@ def seed_csv(folder, n: int) -> str:
     return path
 
 
-def minicpm_file(path, n: int) -> str:
+def minicpm_file(path, n: int, own_images: bool = False) -> str:
+    """n records asking about img/a.png, or (own_images) each about its own img/aN.png."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    png(os.path.join(os.path.dirname(path), "img", "a.png"))
-    records = [{"id": f"r{i}", "image": "img/a.png", "conversations": [
+    names = [f"img/a{i}.png" for i in range(n)] if own_images else ["img/a.png"] * n
+    for name in set(names):
+        png(os.path.join(os.path.dirname(path), name))
+    records = [{"id": f"r{i}", "image": names[i], "conversations": [
         {"role": "user", "content": f"<image>\nQuestion {i}?"}, {"role": "assistant", "content": f"Answer {i}."}]}
         for i in range(n)]
     with open(path, "w", encoding="utf-8") as f:
@@ -98,7 +101,7 @@ def test_split_needs_two_samples(tmp_path):
 
 
 def test_split_count_is_reproducible_and_complete(tmp_path, capsys):
-    src = minicpm_file(tmp_path / "in" / "all.jsonl", 20)
+    src = minicpm_file(tmp_path / "in" / "all.jsonl", 20, own_images=True)
     out_a, out_b, out_c = (tmp_path / name for name in ("a", "b", "c"))
     assert split_command(src, val="4", seed=3, out=str(out_a)) == 0
     printed = capsys.readouterr().out

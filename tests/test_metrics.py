@@ -83,7 +83,7 @@ def test_ocr_sample_uses_the_best_reference():
 def test_text_tokenisers():
     assert normalize_text("  a\tb \n c ") == "a b c"
     assert word_tokens("It's 3.5 kg, 重量") == ["It", "'", "s", "3", ".", "5", "kg", ",", "重", "量"]
-    assert caption_tokens("A man, riding a well-known HORSE.") == ["a", "man", "riding", "a", "well", "known", "horse"]
+    assert caption_tokens("A man, riding a well-known HORSE.") == ["a", "man", "riding", "a", "well-known", "horse"]
 
 
 # --- LaTeX normalisation --------------------------------------------------------------------------

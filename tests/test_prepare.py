@@ -191,6 +191,45 @@ def test_coco_caption_from_local_arrow_keeps_image_ids_and_stores_each_image_onc
     assert record["conversations"][0]["value"].startswith("<|vision_start|>images/") and "image_id" in record
 
 
+def test_coco_caption_split_keeps_every_caption_of_an_image_on_one_side(tmp_path):
+    src = coco_arrow(tmp_path / "coco_arrow")
+    for seed in range(6):
+        out = tmp_path / f"coco{seed}"
+        prepare_command("coco-caption", out=str(out), local=str(src), val="1", seed=seed)
+        train, val = load_samples(out / "train.json"), load_samples(out / "val.json")
+        val_ids, train_ids = {s.meta["image_id"] for s in val}, {s.meta["image_id"] for s in train}
+        assert len(val_ids) == 1 and not val_ids & train_ids, seed  # --val counts images
+        assert len(train) + len(val) == len(COCO_ROWS) - 1  # every caption, the repeated one once
+
+
+def coco_list_parquet(path: Path, captions: dict[int, list[str]]) -> Path:
+    """A COCO copy with one row per image and all its captions in a list column."""
+    features = datasets.Features({"image_id": datasets.Value("int64"),
+                                  "caption": datasets.Sequence(datasets.Value("string")), **IMAGE_FEATURES})
+    datasets.Dataset.from_dict({"image_id": list(captions), "caption": list(captions.values()),
+                                "image": [{"bytes": encoded(i, "JPEG", (16, 12)), "path": None} for i in captions]},
+                               features=features).to_parquet(str(path))
+    return path
+
+
+def test_coco_caption_from_a_list_of_captions_per_image(tmp_path, capsys):
+    captions = {7: ["A cat.", "A cat on a mat.", "A sleeping cat.", "A cat.", "The cat sleeps."],
+                8: ["Two dogs.", "Dogs play.", "Two dogs in a park."],
+                9: ["A red bus.", "A bus on a street.", "A big red bus.", "Bus.", "A bus stops."]}
+    src = coco_list_parquet(tmp_path / "coco.parquet", captions)
+    out = tmp_path / "coco"
+    assert prepare_command("coco-caption", out=str(out), local=str(src), val="1", id_column="image_id") == 0
+    assert "3 images in images/); 1 duplicate record(s) skipped" in capsys.readouterr().out
+    train, val = load_samples(out / "train.json"), load_samples(out / "val.json")
+    kept = {image_id: list(dict.fromkeys(texts)) for image_id, texts in captions.items()}  # "A cat." once
+    assert sorted((s.meta["image_id"], s.answer()) for s in train + val) == sorted(
+        (i, t) for i, texts in kept.items() for t in texts)
+    assert len({s.meta["image_id"] for s in val}) == 1
+    assert not {s.images[0] for s in val} & {s.images[0] for s in train}
+    assert len(list((out / "images").iterdir())) == 3
+    assert sorted(s.id for s in train + val if s.meta["image_id"] == 8) == ["8-1", "8-2", "8-3"]
+
+
 def test_generic_form_from_an_image_folder_through_the_cli(tmp_path):
     texts = ["one", "two", "three", "four"]
     src = image_folder(tmp_path / "imagefolder", texts)

@@ -249,6 +249,23 @@ def test_predictions_fallback_missing_images_and_rebuild(tmp_path):
     assert not [p for p in run.iterdir() if p.name.startswith(".report-")]
 
 
+def test_rows_with_several_references_show_the_closest_and_fold_the_others(tmp_path):
+    run = make_run(tmp_path)
+    references = ["two dogs on a beach", "a red circle & co", "x < y", "a circle"]
+    row = {**prediction_record(0, [], references[0], "a red circle"), "references": references,
+           "scores": {"exact_match": 0.0, "bleu4": 0.5}}
+    for folder in (run / "eval" / "final", run / "samples"):
+        name = "predictions.jsonl" if folder.name == "final" else "step-000010.jsonl"
+        write_jsonl(folder / name, [row])
+    text = build_report(run).read_text()
+    card = text[text.index("Predictions: eval/final"):text.index("How predictions changed")]
+    assert "closest of 4 references</div><div class=\"text\">a red circle &amp; co</div>" in card
+    assert ("<details class=\"refs\"><summary>+3 more</summary><ul><li>two dogs on a beach</li>"
+            "<li>x &lt; y</li><li>a circle</li></ul></details>") in card
+    strip = text[text.index("How predictions changed"):]
+    assert "references</div><div class=\"text\">two dogs on a beach</div>" in strip and "+3 more" in strip
+
+
 def test_not_a_run_folder(tmp_path, capsys):
     with pytest.raises(VlmtuneError, match=f"{tmp_path / 'missing'}: no such run folder"):
         build_report(tmp_path / "missing")

@@ -139,15 +139,15 @@ def main(argv: list[str] | None = None) -> int:
     rest = argv[len(name.split()):]
     target, summary = COMMANDS[name]
     fn = _load(target)
-    args = build_parser(fn, f"vlmtune {name}", summary).parse_args(rest)
+    args = build_parser(fn, f"vlmtune {name}", summary).parse_intermixed_args(rest)
     try:
         values = vars(args)
         params = inspect.signature(fn).parameters.values()
         positional = [values.pop(p.name) for p in params if p.kind == p.POSITIONAL_ONLY]
         result = fn(*positional, **values)
     except VlmtuneError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        print(f"{getattr(e, 'label', 'error')}: {e}", file=sys.stderr)
+        return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -9,9 +9,12 @@ checkpoint, so later commands (eval, merge, chat) need nothing but that folder.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
+import sys
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -29,7 +32,7 @@ class ModelConfig:
     hub: Literal["hf", "modelscope"] = "hf"  # where hub ids are downloaded from (the seeds use ModelScope)
     revision: str | None = None  # hub revision (branch, tag or commit)
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16/fp16 on GPU, fp32 on CPU
-    trust_remote_code: bool = False  # run Python code shipped in the model folder (off unless you ask)
+    trust_remote_code: bool = False  # run the model folder's Python code; only `--trust-remote-code` turns it on
     attn_implementation: str | None = "auto"  # auto: flash_attention_2 if flash-attn, CUDA, bf16/fp16 and the model supports it; else transformers' default (sdpa)
 
 
@@ -37,7 +40,7 @@ class ModelConfig:
 class DataConfig:
     train: str = ""  # training file (JSON, JSONL or CSV, any supported format)
     val: str | None = None  # validation file; None: split val_size samples off the training file
-    val_size: float = 0.0  # samples (>= 1) or fraction (< 1) split off `train` when `val` is not given
+    val_size: float = 0.0  # images (>= 1) or a fraction of them (< 1) split off `train` when `val` is not given; all records of an image go to one side
     format: str | None = None  # minicpm | qwen | messages | llava | csv; None: detected per record
     prompt: str | None = None  # text appended to user turns that hold only images (seed 002's files)
     system_prompt: str | None = None  # system turn added to samples that have none
@@ -82,6 +85,7 @@ class TrainConfig:
     warmup_ratio: float = 0.0
     lr_scheduler: str = "linear"
     max_grad_norm: float = 1.0
+    max_loss_spike: float | None = None  # warn when a step's loss exceeds this many times the recent median
     gradient_checkpointing: bool = False
     liger_kernel: bool | Literal["auto"] = "auto"  # Liger's fused kernels; auto: if installed, on CUDA, for this model
     cache_vision_features: bool = False  # frozen vision tower: compute each image's features once, reuse them
@@ -95,7 +99,7 @@ class TrainConfig:
     seed: int = 42
     report_to: list[str] = field(default_factory=list)  # tensorboard, swanlab, wandb
     output_dir: str = "runs/run"  # the run folder
-    resume: bool | str = False  # true: the newest checkpoint in output_dir; or a checkpoint path
+    resume: bool | str = False  # true: the newest complete checkpoint in output_dir; or a checkpoint path
     deepspeed: str | None = None  # DeepSpeed JSON config (configs/deepspeed/zero2.json, zero3.json)
     project: str = "vlmtune"  # tracker project name
     run_name: str | None = None
@@ -106,7 +110,7 @@ class EvalConfig:
     task: Literal["ocr", "latex", "caption", "generic"] | None = None  # metrics to compute; None: generic
     max_new_tokens: int | None = None  # None: derived from the references
     batch_size: int = 8
-    num_samples: int = 16  # validation samples generated on at every evaluation during training (0: none)
+    num_samples: int = 16  # validation items (distinct image+prompt) generated on at every evaluation during training (0: none)
 
 
 @dataclass
@@ -189,11 +193,96 @@ _STRING_KEYS = {"run_name", "revision", "project", "output_dir", "name_or_path",
                 "cache_dir"}
 
 
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def at_least(low: float) -> tuple[Callable, str]:
+    return (lambda v, c: _number(v) and v >= low), f">= {low}"
+
+
+def above(low: float) -> tuple[Callable, str]:
+    return (lambda v, c: _number(v) and v > low), f"> {low}"
+
+
+def fraction() -> tuple[Callable, str]:
+    """0 <= value < 1: a share or a probability that must leave something over."""
+    return (lambda v, c: _number(v) and 0 <= v < 1), "in [0, 1)"
+
+
+def _epochs_ok(value, config: RunConfig) -> bool:
+    return (_number(value) and value > 0) or config.train.max_steps > 0
+
+
+def _max_steps_ok(value, config: RunConfig) -> bool:
+    return value == -1 or value > 0
+
+
+def _min_pixels_ok(value, config: RunConfig) -> bool:
+    high = config.data.max_pixels
+    return value > 0 and (high is None or value <= high)
+
+
+def _image_size_ok(value, config: RunConfig) -> bool:
+    return len(value) == 2 and all(v > 0 for v in value)
+
+
+# The allowed range of every numeric setting, checked once the whole config is built (YAML and
+# overrides alike), so a bad value stops `train`, `plan` or `eval` before any model loads, in one
+# line that names the key. `None` (unset) always passes: its default applies.
+RANGES: tuple[tuple[str, Callable, str], ...] = (
+    ("data.val_size", *at_least(0)),
+    ("data.max_length", *at_least(1)),
+    ("data.min_pixels", _min_pixels_ok, "> 0 and <= data.max_pixels"),
+    ("data.max_pixels", *above(0)),
+    ("data.max_slice_nums", *at_least(1)),
+    ("data.image_size", _image_size_ok, "two positive whole numbers [width, height], e.g. [280, 280]"),
+    ("data.num_workers", *at_least(0)),
+    ("data.pack_length", *at_least(1)),
+    ("lora.r", *at_least(1)),
+    ("lora.alpha", *above(0)),
+    ("lora.dropout", *fraction()),
+    ("train.learning_rate", *above(0)),
+    ("train.vision_lr", *above(0)),
+    ("train.projector_lr", *above(0)),
+    ("train.epochs", _epochs_ok, "> 0 (or set train.max_steps > 0)"),
+    ("train.max_steps", _max_steps_ok, "-1 (train for train.epochs) or > 0"),
+    ("train.batch_size", *at_least(1)),
+    ("train.grad_accum", *at_least(1)),
+    ("train.weight_decay", *at_least(0)),
+    ("train.adam_beta2", *fraction()),
+    ("train.warmup_ratio", *fraction()),
+    ("train.max_grad_norm", *at_least(0)),
+    ("train.max_loss_spike", *above(1)),
+    ("train.vision_cache_mb", *at_least(1)),
+    ("train.logging_steps", *at_least(1)),
+    ("train.save_steps", *at_least(1)),
+    ("train.save_total_limit", *at_least(1)),
+    ("train.eval_steps", *at_least(1)),
+    ("eval.max_new_tokens", *at_least(1)),
+    ("eval.batch_size", *at_least(1)),
+    ("eval.num_samples", *at_least(0)),
+)
+
+
+def check_ranges(config: RunConfig) -> None:
+    """Every value of `RANGES` within its range.
+
+    Raises:
+        ConfigError: the first value out of range, as `KEY=VALUE: must be RANGE`.
+    """
+    for key, ok, allowed in RANGES:
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if value is not None and not ok(value, config):
+            raise ConfigError(f"{key}={value!r}: must be {allowed}")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML config and apply dotted `key=value` overrides.
 
     Raises:
-        ConfigError: unreadable file, unknown key, or a value of the wrong type.
+        ConfigError: unreadable file, unknown key, a value of the wrong type or out of its range.
     """
     data: dict = {}
     if path is not None:
@@ -215,9 +304,38 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 raise ConfigError(f"override {item!r}: {k} is not a section")
         node[keys[-1]] = value
     try:
-        return _build(RunConfig, data, "")
+        config = _build(RunConfig, data, "")
+        check_ranges(config)
+        return config
     except ConfigError as e:
         raise ConfigError(f"{path or 'config'}: {e}") from None
+
+
+def remote_code_flag(config: RunConfig, flag: bool, source: str | Path) -> RunConfig:
+    """Apply `--trust-remote-code` to a config the user gave (`vlmtune train CONFIG`).
+
+    Running a model folder's Python code is a decision made on the command line: a config that
+    asks for it without the flag is refused rather than obeyed, since configs get shared.
+
+    Raises:
+        ConfigError: the config enables remote code and the flag was not given.
+    """
+    if config.model.trust_remote_code and not flag:
+        raise ConfigError(f"{source}: model.trust_remote_code is true, but only the command line enables remote code: "
+                          "read the Python files in the model folder, then pass --trust-remote-code")
+    config.model.trust_remote_code = flag
+    return config
+
+
+def saved_remote_code(config: RunConfig, flag: bool, source: str | Path) -> RunConfig:
+    """Apply `--trust-remote-code` to a config read from a run or checkpoint folder (eval, predict,
+    chat, merge): the flag decides alone; a saved `true` is ignored, with one line saying so, since
+    whoever wrote the folder is not the one running the command."""
+    if config.model.trust_remote_code and not flag:
+        print(f"note: ignoring model.trust_remote_code=true saved in {source}; pass --trust-remote-code to run the "
+              "model folder's Python code", file=sys.stderr, flush=True)
+    config.model.trust_remote_code = flag
+    return config
 
 
 def config_to_dict(config: RunConfig) -> dict:

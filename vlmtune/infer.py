@@ -15,8 +15,6 @@ the model keeps no memory between calls; that is how seed 001's second round see
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -24,7 +22,8 @@ from pathlib import Path
 from vlmtune.data.encode import Encoder
 from vlmtune.data.sample import IMAGE, Sample, Turn
 from vlmtune.errors import VlmtuneError
-from vlmtune.evaluate import derive_max_new_tokens, generate, load_for_eval, prompt_text, resolve_target
+from vlmtune.evaluate import (PartialJsonl, derive_max_new_tokens, generate, load_for_eval, preflight, prompt_text,
+                              resolve_target)
 
 # For datasets without references to size answers from (eval derives it from the references).
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -40,38 +39,25 @@ def make_encoder(config, processor, family) -> Encoder:
 
 # -- predict --------------------------------------------------------------------------------
 
-def write_jsonl(rows: list[dict], path: Path) -> None:
-    """Write `rows` to `path` all at once: a crash leaves the old file (or none), never half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with tmp.open("w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def prediction_rows(samples: list[Sample], predictions: list[str]) -> list[dict]:
-    """One row per sample; `reference` only for samples that hold an answer."""
-    rows = []
-    for i, (sample, prediction) in enumerate(zip(samples, predictions)):
-        row = {"index": i, "source": sample.source, "images": sample.images, "prompt": prompt_text(sample),
-               "prediction": prediction}
-        if any(t.role == "assistant" for t in sample.turns):
-            row["reference"] = sample.answer()
-        rows.append(row)
-    return rows
+def prediction_row(index: int, sample: Sample, prediction: str) -> dict:
+    """One line of the output; `reference` only for samples that hold an answer."""
+    row = {"index": index, "source": sample.source, "images": sample.images, "prompt": prompt_text(sample),
+           "prediction": prediction}
+    if any(t.role == "assistant" for t in sample.turns):
+        row["reference"] = sample.answer()
+    return row
 
 
 def predict_command(target: str | None = None, /, model: str | None = None, adapter: str | None = None, *,
                     data: str, out: str, batch_size: int = 8, max_new_tokens: int | None = None,
-                    limit: int | None = None) -> int:
+                    limit: int | None = None, trust_remote_code: bool = False) -> int:
     """Generate an answer for every sample of a dataset and write them to a JSONL file.
 
     Each sample is answered from its turns before the last answer (all of them when it has none),
-    greedily, in batches. Unlike `vlmtune eval`, nothing is scored.
+    greedily, in batches. Unlike `vlmtune eval`, nothing is scored. Every record is checked first
+    (images exist and open, turns are well formed): a bad one stops the command before the model
+    loads, with `FILE:INDEX: what is wrong`. Answers are written as each batch finishes, to
+    OUT's NAME.partial.jsonl, renamed to OUT at the end: a crash or Ctrl-C keeps the finished ones.
 
     Args:
         target: Run folder (uses final/, else the newest checkpoint) or checkpoint folder.
@@ -84,10 +70,12 @@ def predict_command(target: str | None = None, /, model: str | None = None, adap
         max_new_tokens: Longest answer; default: the run's eval.max_new_tokens, else 1.5x the
             longest reference plus 8 tokens, else 256.
         limit: Predict only the first N samples.
+        trust_remote_code: Run the Python files of the model folder (read them first); a run folder's
+            config never enables it.
     """
     from vlmtune.data.formats import load_samples
 
-    t = resolve_target(target, model, adapter)
+    t = resolve_target(target, model, adapter, trust_remote_code)
     c = t.config
     samples = load_samples(data, c.data.format)
     samples = samples[:limit] if limit else samples
@@ -96,14 +84,19 @@ def predict_command(target: str | None = None, /, model: str | None = None, adap
     out_path = Path(out)
     if out_path.is_dir():
         raise VlmtuneError(f"--out {out} is a folder; give a file name such as {out_path / 'predictions.jsonl'}")
+    preflight(samples, data, need_answers=False)
 
     net, processor, family = load_for_eval(t)
     encoder = make_encoder(c, processor, family)
     answered = [s for s in samples if s.answer()]
     max_new_tokens = (max_new_tokens or c.eval.max_new_tokens
                       or (derive_max_new_tokens(encoder.tokenizer, answered) if answered else DEFAULT_MAX_NEW_TOKENS))
-    predictions = generate(net, encoder, samples, batch_size, max_new_tokens, desc="predicting")
-    write_jsonl(prediction_rows(samples, predictions), out_path)
+    with PartialJsonl(out_path, len(samples)) as writer:
+        def write(indices: list[int], answers: list[str]) -> None:
+            writer.write([prediction_row(i, samples[i], answer) for i, answer in zip(indices, answers)])
+
+        generate(net, encoder, samples, batch_size, max_new_tokens, desc="predicting", on_batch=write)
+        writer.finish()
     print(f"wrote {len(samples)} predictions to {out_path}")
     return 0
 
@@ -232,7 +225,7 @@ def _terminal_lines() -> Iterator[str]:
 
 def chat_command(target: str | None = None, /, model: str | None = None, adapter: str | None = None,
                  prompt: list[str] | None = None, image: list[str] | None = None, max_new_tokens: int = 256,
-                 stream: bool = True) -> int:
+                 stream: bool = True, trust_remote_code: bool = False) -> int:
     """Chat with a model about images, interactively or one round per --prompt.
 
     Interactive (a terminal, no --prompt): type messages; /image PATH attaches an image to the
@@ -247,9 +240,11 @@ def chat_command(target: str | None = None, /, model: str | None = None, adapter
         image: Image file attached to the first message; repeat for more images.
         max_new_tokens: Longest answer per turn.
         stream: Print each answer's tokens as they are generated.
+        trust_remote_code: Run the Python files of the model folder (read them first); a run folder's
+            config never enables it.
     """
     images = [check_image(p) for p in image or []]  # before loading the model: fail fast
-    t = resolve_target(target, model, adapter)
+    t = resolve_target(target, model, adapter, trust_remote_code)
     net, processor, family = load_for_eval(t)
     session = ChatSession(net, make_encoder(t.config, processor, family), max_new_tokens)
     session.pending = images

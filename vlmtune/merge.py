@@ -7,7 +7,9 @@ Reads straight down: checkpoint folder -> vlmtune.yaml (names the base model) ->
 adapter -> reference logits on a small batch -> merge_and_unload -> save (safetensors, processor,
 chat template, generation config) into a temporary folder beside `out` -> reload that folder
 with plain transformers -> compare logits -> move it to `out`. A merge that does not reproduce
-the adapter's logits within the tolerance raises and leaves nothing at `out`.
+the adapter's logits within the tolerance raises and leaves nothing at `out`. A merge killed
+mid-write leaves its temporary folder (named after its host and PID); the next merge beside `out`
+removes it.
 
 The comparison is done in fp32, where merging is exact up to rounding. With `--dtype bf16/fp16`
 the verified fp32 weights are then cast and written again, and the written file is checked to
@@ -20,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import time
 from pathlib import Path
@@ -29,8 +30,9 @@ from typing import Literal
 import torch
 from PIL import Image, ImageDraw
 
-from vlmtune.config import CONFIG_NAME, RunConfig, load_config
+from vlmtune.config import CONFIG_NAME, RunConfig, load_config, saved_remote_code
 from vlmtune.errors import VlmtuneError
+from vlmtune.fileio import clean_stale_temps, disk_full_error, remove, temp_sibling
 from vlmtune.models import family_for
 from vlmtune.models.load import load_model, load_processor, resolve_model_path
 
@@ -172,7 +174,20 @@ def _copy_remote_code(base: Path, folder: Path) -> list[str]:
     return copied
 
 
-def merge(checkpoint: str | Path, out: str | Path, tolerance: float = 1e-4, dtype: str = "fp32") -> dict:
+def clean_killed_merges(out: Path) -> None:
+    """Remove what merges killed mid-write left beside `out` (model-sized temporary folders of dead
+    processes), saying what went."""
+    for path in clean_stale_temps(out.parent):
+        log(f"removed {path}: left by a process that no longer runs (a killed merge or save)")
+
+
+def state_bytes(model) -> int:
+    """Bytes of the model's weights as saved: what the merged folder needs on disk."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def merge(checkpoint: str | Path, out: str | Path, tolerance: float = 1e-4, dtype: str = "fp32",
+          trust_remote_code: bool = False) -> dict:
     """Merge the LoRA adapter (and modules_to_save) of `checkpoint` into its base model, write a
     plain transformers model folder to `out`, and verify it by reloading it from disk.
 
@@ -182,13 +197,14 @@ def merge(checkpoint: str | Path, out: str | Path, tolerance: float = 1e-4, dtyp
         tolerance: largest accepted max |logit difference| between base+adapter and the reloaded
             merged model, both in fp32.
         dtype: dtype of the written weights (fp32, bf16, fp16); verification is always in fp32.
+        trust_remote_code: the command's --trust-remote-code; the checkpoint's saved value is ignored.
 
     Returns:
         The verification record, also written to `out/merge.json`.
 
     Raises:
-        VlmtuneError: a bad checkpoint folder, an existing non-empty `out`, or a merged model whose
-            logits differ from the adapter's by more than `tolerance`.
+        VlmtuneError: a bad checkpoint folder, an existing non-empty `out`, a merged model whose
+            logits differ from the adapter's by more than `tolerance`, or a full disk.
     """
     from peft import PeftModel
 
@@ -198,7 +214,8 @@ def merge(checkpoint: str | Path, out: str | Path, tolerance: float = 1e-4, dtyp
     ckpt = find_checkpoint(checkpoint).resolve()
     out = Path(out)
     check_out(out)
-    config = load_config(ckpt / CONFIG_NAME)
+    clean_killed_merges(out)
+    config = saved_remote_code(load_config(ckpt / CONFIG_NAME), trust_remote_code, ckpt / CONFIG_NAME)
     m = config.model
     base_path = resolve_model_path(m.name_or_path, m.hub, m.revision)
     family = family_for(base_path)
@@ -230,10 +247,13 @@ def merge(checkpoint: str | Path, out: str | Path, tolerance: float = 1e-4, dtyp
     del model, base
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    # written beside `out` so the final os.replace is a rename on the same file system
-    tmp = out.parent / f".{out.name}.merging-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()  # not mkdtemp: that makes a private (0700) folder, and this one becomes `out`
+    # written beside `out` so the final os.replace is a rename on the same file system; its name
+    # carries host and PID, so if this process is killed the next merge can tell it is dead and remove it
+    tmp = temp_sibling(out)
+    remove(tmp)
+    needed = state_bytes(merged)
     try:
+        tmp.mkdir()  # not mkdtemp: that makes a private (0700) folder, and this one becomes `out`
         log(f"saving the merged model (fp32) to {tmp} ...")
         if family.native:  # a run's data.max_slice_nums lives in its processor; config.json must agree
             merged.config.set_max_slice_nums(processor.image_processor.max_slice_nums)
@@ -276,8 +296,11 @@ def merge(checkpoint: str | Path, out: str | Path, tolerance: float = 1e-4, dtyp
             os.replace(tmp, out)
         except OSError as e:
             raise VlmtuneError(f"{out}: cannot move the merged model there ({e}); choose a new --out") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        remove(tmp)
+        full = disk_full_error(e, out, needed, what="the merged model") if isinstance(e, Exception) else None
+        if full is not None:
+            raise full from None
         raise
     record["out"] = str(out)
     if family.native:
@@ -307,7 +330,7 @@ def _write_cast(model, folder: Path, dtype: torch.dtype, batch: dict, reference:
 
 
 def merge_command(checkpoint: str, *, out: str, tolerance: float = 1e-4,
-                  dtype: Literal["fp32", "bf16", "fp16"] = "fp32") -> int:
+                  dtype: Literal["fp32", "bf16", "fp16"] = "fp32", trust_remote_code: bool = False) -> int:
     """Merge a LoRA checkpoint into its base model, verify it, and write a plain transformers model.
 
     The base model is the one named in the checkpoint's vlmtune.yaml. The merged folder loads with
@@ -320,6 +343,8 @@ def merge_command(checkpoint: str, *, out: str, tolerance: float = 1e-4,
         out: Folder to write the merged model to; must not exist or be empty.
         tolerance: Largest accepted max |logit difference| (fp32) between base+adapter and merged.
         dtype: Dtype of the written weights; bf16/fp16 are cast after the fp32 check.
+        trust_remote_code: Run the Python files of the base model folder (read them first); the run's
+            config never enables it.
     """
-    merge(checkpoint, out, tolerance=tolerance, dtype=dtype)
+    merge(checkpoint, out, tolerance=tolerance, dtype=dtype, trust_remote_code=trust_remote_code)
     return 0

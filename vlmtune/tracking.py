@@ -44,7 +44,8 @@ def _swanlab_run():
 
 
 def _caption(row: dict) -> str:
-    return f"pred: {row['prediction']}\nref:  {row['reference']}"
+    more = len(row.get("references") or [None]) - 1  # an evaluation item can have several references
+    return f"pred: {row['prediction']}\nref:  {row['reference']}" + (f" (+{more} more)" if more > 0 else "")
 
 
 def write_samples_file(out_dir: Path, rows: list[dict], step: int) -> Path:

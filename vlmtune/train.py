@@ -12,28 +12,35 @@ vlmtune adds the collator, the per-part optimizer groups and complete checkpoint
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import TrainerCallback, TrainingArguments, set_seed
 
-from vlmtune.callbacks import CompleteCheckpoints, JsonlMetrics
-from vlmtune.config import RunConfig, load_config, save_config
+from vlmtune.callbacks import JsonlMetrics
+from vlmtune.checkpoints import Checkpoint, checkpoints, inspect, newest_complete, trainer_state, trim_metrics
+from vlmtune.config import CONFIG_NAME, RunConfig, load_config, save_config
 from vlmtune.data.check import CheckReport, apply_policy, check_samples
-from vlmtune.data.collate import Collator, EncodedDataset, LengthGroupedSampler
+from vlmtune.data.collate import Collator, EncodedDataset
 from vlmtune.data.encode import Encoder
 from vlmtune.data.encode_cache import EncodeCache
 from vlmtune.data.packing import PackingCollator, check_packable, check_packing_attention, pack_length, packed_dataset
 from vlmtune.data.sample import Sample
+from vlmtune.data.split import split_samples
 from vlmtune.errors import ConfigError
+from vlmtune.evaluate import first_items
+from vlmtune.fileio import clean_stale_temps
 from vlmtune.kernels import resolve_attention, resolve_liger
 from vlmtune.models import family_for
 from vlmtune.models.family import read_model_type
 from vlmtune.models.load import load_model, load_processor, model_class, pick_dtype, resolve_model_path
+from vlmtune.run_guard import BadSampleError, DivergenceGuard, GracefulStop, GuardedSamples, Stopped
+from vlmtune.runlock import RunLock, describe_previous
 from vlmtune.tracking import start_trackers
-from vlmtune.tuning import param_groups, prepare_model, trainable_summary, upcast_trainable
+from vlmtune.trainer import VLMTrainer
+from vlmtune.tuning import prepare_model, trainable_summary, upcast_trainable
 from vlmtune.vision_cache import VisionCacheReport, VisionFeatureCache, check_config
 
 
@@ -46,73 +53,9 @@ def log(message: str) -> None:
         print(message, flush=True)
 
 
-class VLMTrainer(Trainer):
-    """`Trainer` with four additions: optimizer groups per model part (vision_lr, projector_lr),
-    length-grouped batches when `train_lengths` (tokens per training sample) is given,
-    generation on a fixed validation subset at every evaluation, its task metrics logged as
-    `val_<metric>` and its (image, prediction, reference) triples sent to the trackers, and
-    reuse of frozen vision features when `vision_cache` is given."""
-
-    def __init__(self, *args, family=None, run_config: RunConfig | None = None, encoder: Encoder | None = None,
-                 gen_samples: list[Sample] | None = None, train_lengths: list[int] | None = None,
-                 vision_cache: VisionFeatureCache | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.family = family
-        self.run_config = run_config
-        self.encoder = encoder
-        self.gen_samples = gen_samples or []
-        self.train_lengths = train_lengths
-        self.vision_cache = vision_cache
-
-    def compute_loss(self, model, inputs, *args, **kwargs):
-        if self.vision_cache is not None:  # pixels -> cached image features (vlmtune/vision_cache.py)
-            inputs = self.vision_cache.swap_pixels(self.accelerator.unwrap_model(model), inputs,
-                                                   self.accelerator.autocast)
-        return super().compute_loss(model, inputs, *args, **kwargs)
-
-    def _get_train_sampler(self, train_dataset=None):
-        if self.train_lengths is None:
-            return super()._get_train_sampler(train_dataset)
-        # The lengths come from the pre-flight check, so grouping costs no pass over the data.
-        batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
-        return LengthGroupedSampler(self.train_lengths, batch, seed=self.args.seed)
-
-    def create_optimizer(self, model=None):
-        if self.optimizer is None:
-            model = model or self.model
-            decay = set(self.get_decay_parameter_names(model))
-            groups = param_groups(model, self.family, self.run_config.train, decay)
-            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
-            optimizer_kwargs.pop("lr", None)
-            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
-        return self.optimizer
-
-    def evaluate(self, *args, **kwargs):
-        metrics = super().evaluate(*args, **kwargs)
-        if self.gen_samples and self.is_world_process_zero():
-            from vlmtune.evaluate import generate, score
-            from vlmtune.tracking import log_predictions
-
-            c = self.run_config.eval
-            predictions = generate(self.model, self.encoder, self.gen_samples, c.batch_size, c.max_new_tokens,
-                                   progress=False)
-            gen_metrics, rows = score(c.task or "generic", self.gen_samples, predictions)
-            self.log({f"val_{k}": v for k, v in gen_metrics.items()})
-            log_predictions(self, rows, self.state.global_step)
-            metrics.update({f"val_{k}": v for k, v in gen_metrics.items()})
-        return metrics
-
-
 def split_val(samples: list[Sample], size: float, seed: int) -> tuple[list[Sample], list[Sample]]:
-    """A reproducible validation split: `size` samples (>= 1) or a fraction (< 1)."""
-    n_val = int(size) if size >= 1 else round(size * len(samples))
-    if n_val <= 0:
-        return samples, []
-    if n_val >= len(samples):
-        raise ConfigError(f"data.val_size={size} leaves no training samples (the file has {len(samples)})")
-    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()
-    val_idx = set(order[:n_val])
-    return [s for i, s in enumerate(samples) if i not in val_idx], [samples[i] for i in sorted(val_idx)]
+    """The in-training validation split: `data split`'s rule (`vlmtune/data/split.py`), grouped by image."""
+    return split_samples(samples, size, seed, what="data.val_size") if size else (samples, [])
 
 
 def load_data(config: RunConfig) -> tuple[list[Sample], list[Sample]]:
@@ -185,6 +128,7 @@ def training_arguments(config: RunConfig, out: Path, has_val: bool, use_liger: b
         dataloader_num_workers=config.data.num_workers,
         remove_unused_columns=False,
         label_names=["labels"],
+        logging_nan_inf_filter=False,  # a NaN loss is logged as NaN (and stops the run), never hidden
         report_to=report_to,
         seed=t.seed,
         deepspeed=t.deepspeed,
@@ -200,31 +144,96 @@ def training_arguments(config: RunConfig, out: Path, has_val: bool, use_liger: b
     )
 
 
-def resume_point(config: RunConfig, out: Path) -> str | None:
+FINISHED = "finished"
+
+
+def resume_point(config: RunConfig, out: Path) -> Checkpoint | str | None:
+    """Where this run starts: a complete checkpoint, None (from the beginning), or FINISHED.
+
+    A new run never starts in a folder that holds one (final/, metrics.jsonl or checkpoints): that
+    would mix two runs. `train.resume=true` takes the newest complete checkpoint and names the
+    incomplete ones it passed over; on a finished run it continues only if train.max_steps or
+    train.epochs now ask for more.
+    """
     t = config.train
     if isinstance(t.resume, str):
-        if not Path(t.resume).is_dir():
+        folder = Path(t.resume)
+        if not folder.is_dir():
             raise ConfigError(f"train.resume={t.resume}: no such checkpoint folder")
-        return t.resume
-    last = get_last_checkpoint(str(out)) if out.is_dir() else None
-    if t.resume:
-        if last is None:
-            log(f"train.resume=true but {out} holds no checkpoint yet: starting from the beginning")
-        return last
-    if last is not None:
-        raise ConfigError(f"{out} already holds checkpoints ({Path(last).name}). Set train.resume=true to continue "
-                          "that run, or choose a new train.output_dir.")
-    return None
+        chosen = inspect(folder)
+        if not chosen.complete:
+            raise ConfigError(f"train.resume={t.resume}: the checkpoint is incomplete ({chosen.problem}); "
+                              "choose another one, or train.resume=true for the newest complete one")
+        return chosen
+    last, skipped = newest_complete(out)
+    finished = (out / "final").is_dir()
+    if not t.resume:
+        held = [name for name in ("final", "metrics.jsonl") if (out / name).exists()]
+        found = checkpoints(out)
+        held += [f"checkpoints up to {found[-1].path.name}"] if found else []
+        if held:
+            raise ConfigError(f"{out} already holds a run ({', '.join(held)}). Set train.resume=true to continue it, "
+                              "or choose a new train.output_dir.")
+        return None
+    for ckpt in skipped:
+        log(f"skipping {ckpt.path}: incomplete ({ckpt.problem})")
+    if finished and not asks_for_more(config, out, last):
+        return FINISHED
+    if last is None:
+        if finished:
+            raise ConfigError(f"{out} is finished and holds no complete checkpoint to continue from; "
+                              "start a new run with a new train.output_dir")
+        log(f"train.resume=true but {out} holds no checkpoint yet: starting from the beginning")
+    return last
+
+
+def asks_for_more(config: RunConfig, out: Path, last: Checkpoint | None) -> bool:
+    """Whether `config` trains past where the finished run in `out` stopped."""
+    t = config.train
+    if last is None:  # only final/ is left: compare with the config it was trained with
+        done = load_config(out / "final" / CONFIG_NAME).train if (out / "final" / CONFIG_NAME).is_file() else t
+        return (t.max_steps, t.epochs) != (done.max_steps, done.epochs)
+    state = trainer_state(last.path)
+    if t.max_steps > 0:
+        return t.max_steps > state.get("global_step", 0)
+    return t.epochs > state.get("epoch", 0.0) + 1e-9
+
+
+def resume_command(config: RunConfig) -> str:
+    """The command that continues this run from its newest complete checkpoint."""
+    out = Path(config.train.output_dir)
+    launcher = " (under the same torchrun/accelerate launcher)" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    remote = " --trust-remote-code" if config.model.trust_remote_code else ""
+    return f"vlmtune train {out / CONFIG_NAME} train.resume=true{remote}{launcher}"
 
 
 def train(config: RunConfig, callbacks: list[TrainerCallback] | None = None) -> Path:
     """Run one fine-tuning job described by `config`; returns the run folder.
 
+    The main process holds the run folder's lock (`vlmtune/runlock.py`) from start to end.
+
     Args:
         callbacks: extra `TrainerCallback`s (bench/train_speed.py times the steps with one).
     """
     out = Path(config.train.output_dir)
+    lock = RunLock(out).acquire() if is_main_process() else None
+    try:
+        if lock is not None and describe_previous(lock):
+            log(describe_previous(lock))
+        for path in clean_stale_temps(out) if is_main_process() else []:
+            log(f"removed {path}, left half-written by a process that died")
+        return _train(config, out, callbacks)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(config: RunConfig, out: Path, callbacks: list[TrainerCallback] | None) -> Path:
     resume_from = resume_point(config, out)
+    if resume_from == FINISHED:
+        log(f"{out} is finished (final/ is written); nothing to do. Raise train.max_steps or train.epochs "
+            "to train it further.")
+        return out
     path = resolve_model_path(config.model.name_or_path, config.model.hub, config.model.revision)
     family = family_for(path)
     check_config(config, family)  # train.cache_vision_features: refused before anything loads
@@ -274,51 +283,88 @@ def train(config: RunConfig, callbacks: list[TrainerCallback] | None = None) -> 
     pad_id = processor.tokenizer.pad_token_id
     if pad_id is None:
         pad_id = processor.tokenizer.eos_token_id
-    callbacks = [JsonlMetrics(out / "metrics.jsonl"), CompleteCheckpoints(config, processor), *(callbacks or [])]
+    stopper = GracefulStop(log)
+    callbacks = [JsonlMetrics(out / "metrics.jsonl"), stopper, *(callbacks or [])]
     if vision_cache is not None:
         callbacks.append(VisionCacheReport(vision_cache))
     cache = EncodeCache(config.data.cache_dir, encoder) if config.data.cache_dir else None
     keys = vision_cache is not None
-    train_data = EncodedDataset(train_samples, encoder, cache=cache, image_keys=keys)
+    policy = config.data.on_bad_sample
+    train_data = GuardedSamples(EncodedDataset(train_samples, encoder, cache=cache, image_keys=keys), train_samples,
+                                policy, out / "rejected_train.jsonl", substitute=not config.data.packing)
     collator = Collator(pad_id, concat_dims=family.concat_dims)
     if config.data.packing:  # vlmtune/data/packing.py
         train_data, packing_summary = packed_dataset(train_data, train_lengths, pack_length(config.data),
                                                      config.train.seed)
         log(packing_summary)
         collator = PackingCollator(processor.image_processor.merge_size)
+    eval_data = None
+    if val_samples:
+        eval_data = GuardedSamples(EncodedDataset(val_samples, encoder, cache=cache, image_keys=keys), val_samples,
+                                   policy, out / "rejected_val.jsonl")
     trainer = VLMTrainer(
         model=model,
         args=training_arguments(config, out, bool(val_samples), use_liger),
         train_dataset=train_data,
-        eval_dataset=EncodedDataset(val_samples, encoder, cache=cache, image_keys=keys) if val_samples else None,
+        eval_dataset=eval_data,
         data_collator=collator,
         callbacks=callbacks,
         family=family,
         run_config=config,
         encoder=encoder,
-        gen_samples=val_samples[: config.eval.num_samples],
+        processor=processor,
+        gen_samples=first_items(val_samples, config.eval.num_samples),
         train_lengths=train_lengths if config.data.group_by_length and not config.data.packing else None,
         vision_cache=vision_cache,
+        guard=DivergenceGuard(config.train.max_loss_spike, fp16_scaling=dtype == torch.float16, log=log),
     )
-    trainer.train(resume_from_checkpoint=resume_from)
+    if resume_from is not None:
+        dropped = trim_metrics(out / "metrics.jsonl", resume_from.step) if is_main_process() else 0
+        log(f"resuming from {resume_from.path} (step {resume_from.step})"
+            + (f"; dropped {dropped} metrics.jsonl record(s) logged after it" if dropped else ""))
+    elif is_main_process():
+        trim_metrics(out / "metrics.jsonl", 0)  # a run that died before its first checkpoint
+    stopper.install()
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_from.path) if resume_from else None)
+    except BadSampleError as e:
+        saved = save_now(trainer, out)
+        raise BadSampleError(f"{e}. {saved} Fix or remove that record (or set data.on_bad_sample=skip), then "
+                             f"resume with: {resume_command(config)}") from None
+    finally:
+        stopper.uninstall()
+    step = trainer.state.global_step
+    if stopper.signum is not None and step < trainer.state.max_steps:
+        last, _ = newest_complete(out)
+        raise Stopped(f"{signal.Signals(stopper.signum).name} at step {step} of {trainer.state.max_steps}: saved "
+                      f"{last.path if last else 'no checkpoint'}. Resume with: {resume_command(config)}",
+                      stopper.exit_code)
 
-    final = out / "final"
-    trainer.save_model(str(final))
-    if is_main_process():
-        processor.save_pretrained(final)
-        save_config(config, final)
-        log(f"done: run folder {out}, final weights in {final}")
+    trainer.save_final(out / "final")
+    log(f"done: run folder {out}, final weights in {out / 'final'}")
     return out
 
 
-def train_command(config: str, overrides: list[str]) -> int:
+def save_now(trainer: VLMTrainer, out: Path) -> str:
+    """Save a checkpoint of the current step (unless one exists); says what is there to resume from."""
+    step = trainer.state.global_step
+    if step > 0 and not (out / f"checkpoint-{step}").is_dir():
+        trainer._save_checkpoint(trainer.model, None)
+    last, _ = newest_complete(out)
+    return f"Saved {last.path} (step {last.step})." if last else "No step had finished, so no checkpoint was saved."
+
+
+def train_command(config: str, overrides: list[str], trust_remote_code: bool = False) -> int:
     """Fine-tune a model from a YAML config, with dotted key=value overrides.
 
     Args:
         config: YAML config file (see configs/); its sections are model, data, lora, train, eval.
         overrides: Dotted overrides such as train.max_steps=100 lora.r=8 (unknown keys are an error).
+        trust_remote_code: Run the Python files of the model folder (read them first); a config alone never enables it.
     """
-    train(load_config(config, overrides))
+    from vlmtune.config import remote_code_flag
+
+    train(remote_code_flag(load_config(config, overrides), trust_remote_code, config))
     return 0
 
 

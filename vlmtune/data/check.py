@@ -155,7 +155,8 @@ def apply_policy(samples: list[Sample], report: CheckReport, policy: str, reject
 
 def check_command(data: str, model: str | None = None, max_length: int | None = None, prompt: str | None = None,
                   format: str | None = None, image_size: list[int] | None = None,
-                  max_pixels: int | None = None, max_slice_nums: int | None = None, rejected: str | None = None) -> int:
+                  max_pixels: int | None = None, max_slice_nums: int | None = None, rejected: str | None = None,
+                  trust_remote_code: bool = False) -> int:
     """Pre-flight check of a dataset; exits 1 when a sample has a problem.
 
     Args:
@@ -168,6 +169,7 @@ def check_command(data: str, model: str | None = None, max_length: int | None = 
         max_pixels: Per-image pixel budget (Qwen families).
         max_slice_nums: Most slices per image (MiniCPM-V 2.x), as data.max_slice_nums in a config.
         rejected: Also write the bad records to this JSONL file.
+        trust_remote_code: Run the Python files of the model folder (read them first) when its processor needs them.
     """
     from vlmtune.data.formats import load_samples
 
@@ -180,8 +182,9 @@ def check_command(data: str, model: str | None = None, max_length: int | None = 
 
         path = resolve_model_path(model)
         family = family_for(path)
-        encoder = Encoder(load_processor(path, family, max_pixels=max_pixels, max_slice_nums=max_slice_nums), family,
-                          prompt=prompt,
+        processor = load_processor(path, family, max_pixels=max_pixels, max_slice_nums=max_slice_nums,
+                                   trust_remote_code=trust_remote_code)
+        encoder = Encoder(processor, family, prompt=prompt,
                           image_size=tuple(image_size) if image_size else None)
     elif max_length is not None:
         raise VlmtuneError("--max-length needs --model: token lengths are measured with the model's processor")

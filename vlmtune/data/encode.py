@@ -58,6 +58,28 @@ class Encoder:
             f = self.family.patch_factor
             self.image_size = tuple(max(f, round(s / f) * f) for s in self.image_size)
         self._eot = self.family.end_of_turn
+        self._id_tags = self._per_call_image_ids()
+
+    def _per_call_image_ids(self) -> tuple[str, str] | None:
+        """The (start, end) tags of the image ids the processor writes before each image, when it
+        numbers images from 0 in every call (transformers' MiniCPM-V 4.x processors); else None.
+
+        The encoder calls the processor once per segment, so left alone those ids would restart at
+        each turn, while the processor on the whole conversation (and every generation prompt)
+        numbers them across it. `_tokenize` writes the ids itself, counted over the conversation.
+        """
+        start = getattr(self.processor, "image_id_start_token", None)
+        end = getattr(self.processor, "image_id_end_token", None)
+        if start and end and getattr(self.processor, "default_use_image_id", False):
+            return start, end
+        return None
+
+    def _number_images(self, text: str, first: int) -> str:
+        """`text` with `<image_id>N</image_id>` before each image token, N counted from `first`."""
+        start, end = self._id_tags
+        pieces = text.split(self.image_token)
+        return "".join(piece + (f"{start}{first + i}{end}{self.image_token}" if i < len(pieces) - 1 else "")
+                       for i, piece in enumerate(pieces))
 
     # -- chat messages --------------------------------------------------------------------
     def messages(self, sample: Sample, turns=None) -> list[dict]:
@@ -129,8 +151,12 @@ class Encoder:
             n = text.count(self.image_token)
             if n:
                 seg_images = self._images(images[next_image: next_image + n])
+                kwargs = {}
+                if self._id_tags:
+                    text, kwargs = self._number_images(text, next_image), {"use_image_id": False}
                 next_image += n
-                enc = self.processor(text=[text], images=seg_images, add_special_tokens=False, return_tensors="pt")
+                enc = self.processor(text=[text], images=seg_images, add_special_tokens=False, return_tensors="pt",
+                                     **kwargs)
                 for key, value in enc.items():
                     if key in TOKEN_KEYS:
                         if key not in ("input_ids", "attention_mask"):

@@ -40,7 +40,7 @@ from vlmtune.data.sample import Sample
 from vlmtune.errors import VlmtuneError
 
 # Bump when `Encoder` produces different tensors for the same inputs and settings.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 _LIBRARIES = ("transformers", "tokenizers", "pillow", "torch", "torchvision")
 
 

@@ -81,19 +81,35 @@ def _read_records(path: str, ext: str) -> list:
     return data
 
 
-def read_dataset(path: str | os.PathLike, format: str | None = None) -> tuple[list[Sample], str]:
+def _no_records(path: str, ext: str) -> DataError:
+    """The error for a dataset file without a single record, saying what the file holds instead."""
+    if os.path.getsize(path) == 0:
+        held = "the file is empty (0 bytes)"
+    else:
+        held = {".json": "an empty list", ".jsonl": "no record lines", ".csv": "a header row and no rows"}[ext]
+    return DataError(f"{path}: holds no records ({held}); a dataset needs at least one sample. Check that the "
+                     "export or `vlmtune data prepare` that wrote it finished, and that this is the right file")
+
+
+def read_dataset(path: str | os.PathLike, format: str | None = None, *,
+                 allow_empty: bool = False) -> tuple[list[Sample], str]:
     """Read a dataset file and say which format it was in.
+
+    Every command reads its data here, so a file with no records is refused here, once: training,
+    evaluating or converting nothing is always a mistake (a failed export, the wrong file).
 
     Args:
         path: a .json, .jsonl or .csv file.
         format: one of `FORMATS`; None detects it from the file's first record.
+        allow_empty: give no samples (and the format asked for, or "minicpm") for an empty file
+            instead of an error.
 
     Returns:
-        The samples in file order, and the format name. An empty file gives no samples and the
-        format asked for (or "minicpm").
+        The samples in file order, and the format name.
 
     Raises:
-        DataError: unreadable file or a structurally bad record; the message names file and index.
+        DataError: unreadable or empty file, or a structurally bad record; the message names file
+            and index.
     """
     path = os.fspath(path)
     ext = _extension(path)
@@ -101,6 +117,8 @@ def read_dataset(path: str | os.PathLike, format: str | None = None) -> tuple[li
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file — check the path")
     records = _read_records(path, ext)
+    if not records and not allow_empty:
+        raise _no_records(path, ext)
     if ext == ".csv":
         format = "csv"
     if format is None:
@@ -109,17 +127,19 @@ def read_dataset(path: str | os.PathLike, format: str | None = None) -> tuple[li
     return [read_record(r, format, f"{path}:{i}", base) for i, r in enumerate(records)], format
 
 
-def load_samples(path: str | os.PathLike, format: str | None = None) -> list[Sample]:
+def load_samples(path: str | os.PathLike, format: str | None = None, *, allow_empty: bool = False) -> list[Sample]:
     """Read a dataset file into `Sample`s with absolute image paths.
 
     Args:
         path: a .json (list of records), .jsonl (one record per line) or .csv file.
         format: one of `FORMATS`; None detects it from the file's first record.
+        allow_empty: an empty file gives [] instead of an error.
 
     Raises:
-        DataError: unreadable file or a structurally bad record; the message names file and index.
+        DataError: unreadable or empty file, or a structurally bad record; the message names file
+            and index.
     """
-    return read_dataset(path, format)[0]
+    return read_dataset(path, format, allow_empty=allow_empty)[0]
 
 
 def _csv_text(rows: list[dict]) -> str:

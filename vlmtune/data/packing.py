@@ -125,7 +125,11 @@ class PackedDataset(Dataset):
         return len(self.packs)
 
     def __getitem__(self, i: int) -> list[dict[str, torch.Tensor]]:
-        return [self.samples[j] for j in self.packs[i]]
+        # None: a sample skipped under data.on_bad_sample=skip (vlmtune/run_guard.py); the pack goes without it
+        items = [item for item in (self.samples[j] for j in self.packs[i]) if item is not None]
+        if not items:
+            raise DataError(f"pack {i}: none of its {len(self.packs[i])} samples can be loaded")
+        return items
 
 
 def mrope_positions(token_types: torch.Tensor, image_grid_thw: torch.Tensor | None, merge_size: int,

@@ -7,8 +7,10 @@
 
 This is the seeds' data2csv.py + csv2json.py: read the split's records in order (the first
 --limit samples), save every image once under OUT/images/, write OUT/train.json and OUT/val.json
-(--val samples drawn with --seed exactly as `vlmtune data split` draws them) in the chosen
-format, and record the arguments in OUT/prepare.json. Running the same command again does
+(--val images drawn with --seed by `vlmtune.data.split`, the rule `vlmtune data split` uses, so the
+captions of one image are all in train or all in val) in the chosen format, and record the
+arguments in OUT/prepare.json. Every caption of an image becomes a training sample, whether the
+dataset has a row per caption (COCO 2014 captions) or a list of captions per row. Running the same command again does
 nothing; other arguments into a non-empty OUT are refused.
 
 Images are content-addressed: OUT/images/<16 hex digits of sha256(bytes)>.<ext>. The dataset's
@@ -26,7 +28,6 @@ import hashlib
 import io
 import json
 import os
-import random
 import shutil
 import tempfile
 from dataclasses import asdict
@@ -36,14 +37,14 @@ from typing import Literal
 from PIL import Image
 from tqdm import tqdm
 
-from vlmtune.data.convert import parse_val
 from vlmtune.data.formats import write_samples
 from vlmtune.data.readers import is_url
 from vlmtune.data.recipes import PrepareArgs, open_source, records, resolve_args
 from vlmtune.data.sample import IMAGE, DataError, Sample, Turn
+from vlmtune.data.split import split_samples
 from vlmtune.errors import VlmtuneError
 
-PREPARE_VERSION = 1  # bump when the output for the same arguments changes, so old folders are not reused
+PREPARE_VERSION = 2  # bump when the output for the same arguments changes, so old folders are not reused
 SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "GIF": ".gif", "BMP": ".bmp", "WEBP": ".webp", "TIFF": ".tif"}
 
 
@@ -100,6 +101,16 @@ def store_image(data: bytes, where: str, column: str, folder: Path) -> str:
     return str(path)
 
 
+def _answers(value, where: str, column: str) -> list[str]:
+    """The answer texts of one record: its text, or each text of a list (COCO copies that hold all
+    captions of an image in one record)."""
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise DataError(f"{where}: column {column!r} is an empty list — every record needs an answer text")
+        return [_answer(v, f"{where} (text {k + 1})", column) for k, v in enumerate(value)]
+    return [_answer(value, where, column)]
+
+
 def _answer(value, where: str, column: str) -> str:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         value = str(value)
@@ -111,22 +122,22 @@ def _answer(value, where: str, column: str) -> str:
     return value
 
 
-def record_sample(row: dict, where: str, args: PrepareArgs, base: str, images: Path) -> Sample:
-    """One dataset record as a Sample: the image(s) stored under `images`, the prompt, the answer."""
+def record_samples(row: dict, where: str, args: PrepareArgs, base: str, images: Path) -> list[Sample]:
+    """One dataset record as Samples: the image(s) stored under `images`, the prompt, and one
+    sample per answer text (a record with a list of captions gives one per caption)."""
     wanted = [(args.image_column, "--image-column"), (args.text_column, "--text-column"),
-              (args.id_column, "--id-column"), (args.group_column, None)]
+              (args.id_column, "--id-column")]
     for column, flag in wanted:
         if column is not None and column not in row:
-            fix = (f"name the right one with {flag}" if flag else
-                   f"recipe {args.recipe} needs it; for other data use --image-column and --text-column without a recipe")
-            raise DataError(f"{where}: no column {column!r} (columns: {', '.join(map(str, row))}) — {fix}")
+            raise DataError(f"{where}: no column {column!r} (columns: {', '.join(map(str, row))}) — "
+                            f"name the right one with {flag}")
     value = row[args.image_column]
     values = list(value) if isinstance(value, (list, tuple)) else [value]
     if not values:
         raise DataError(f"{where}: column {args.image_column!r} is an empty list — every record needs an image")
     paths = [store_image(_image_bytes(v, where, args.image_column, base), where, args.image_column, images)
              for v in values]
-    answer = _answer(row[args.text_column], where, args.text_column)
+    answers = _answers(row[args.text_column], where, args.text_column)
     # csv holds no prompt (image and answer only): the training config's data.prompt supplies it.
     prompt = args.prompt if args.format != "csv" else ""
     user = IMAGE * len(paths) + (f"\n{prompt}" if prompt else "")
@@ -136,13 +147,22 @@ def record_sample(row: dict, where: str, args: PrepareArgs, base: str, images: P
         if raw is None or not str(raw).strip():
             raise DataError(f"{where}: column {args.id_column!r} (the id) is empty — every record needs an id")
         sample_id = str(raw)
-    meta = {args.group_column: row[args.group_column]} if args.group_column else {}
-    return Sample(images=paths, turns=[Turn("user", user), Turn("assistant", answer)], id=sample_id,
-                  source=where, meta=meta)
+    # The recipe's image id (COCO's image_id) is kept when the copy has it; grouping needs only the image.
+    meta = {args.group_column: row[args.group_column]} if args.group_column in row else {}
+    if sample_id is None or len(answers) == 1:
+        ids = [sample_id] * len(answers)
+    else:  # one id per caption of the record: ID-1, ID-2, ...
+        ids = [f"{sample_id}-{k}" for k in range(1, len(answers) + 1)]
+    return [Sample(images=paths, turns=[Turn("user", user), Turn("assistant", answer)], id=i, source=where,
+                   meta=dict(meta)) for answer, i in zip(answers, ids)]
 
 
 def collect_samples(args: PrepareArgs, ds, images: Path) -> tuple[list[Sample], int]:
     """The first --limit samples, images stored; also how many duplicate records were skipped.
+
+    Every caption of an image is kept (one sample each), whether the dataset has a row per caption
+    or a list of captions per row; a row's captions are never cut apart by --limit. The same
+    caption twice for one image is kept once.
 
     Raises:
         DataError: a bad record (missing column, undecodable image, empty text, repeated id).
@@ -151,41 +171,35 @@ def collect_samples(args: PrepareArgs, ds, images: Path) -> tuple[list[Sample], 
     base = os.path.dirname(args.local) if args.local and os.path.isfile(args.local) else args.local or os.getcwd()
     samples: list[Sample] = []
     owner: dict[str, str] = {}  # id -> record that has it
-    seen: set = set()  # (group, answer) pairs already taken
+    seen: set = set()  # (image, answer) pairs already taken
     skipped = 0
     with tqdm(total=args.limit, desc=f"prepare {args.recipe or args.label}", unit="sample", disable=None) as bar:
         for index, row in enumerate(records(ds, args.label)):
             where = f"{args.label}:{index}"
-            sample = record_sample(row, where, args, base, images)
-            if args.group_column:
-                # COCO repeats a record when an image has the same caption twice: keep one.
-                key = (json.dumps(sample.meta[args.group_column], default=str), sample.answer())
-                if key in seen:
-                    skipped += 1
-                    continue
-                seen.add(key)
-            if sample.id is not None:
-                if sample.id in owner:
-                    raise DataError(f"{where}: id {sample.id!r} is already the id of {owner[sample.id]} — ids must be "
-                                    "unique; fix the data, or leave out --id-column to number records identity_1, ...")
-                owner[sample.id] = where
-            samples.append(sample)
-            bar.update()
+            row_samples = record_samples(row, where, args, base, images)
+            for sample in row_samples:
+                if args.group_column or len(row_samples) > 1:
+                    # COCO repeats a record when an image has the same caption twice: keep one.
+                    image = sample.meta.get(args.group_column, sample.images)
+                    key = (json.dumps(image, default=str), sample.answer())
+                    if key in seen:
+                        skipped += 1
+                        continue
+                    seen.add(key)
+                if sample.id is not None:
+                    if sample.id in owner:
+                        raise DataError(f"{where}: id {sample.id!r} is already the id of {owner[sample.id]} — ids "
+                                        "must be unique; fix the data, or leave out --id-column to number records "
+                                        "identity_1, ...")
+                    owner[sample.id] = where
+                samples.append(sample)
+                bar.update()
             if args.limit is not None and len(samples) >= args.limit:
                 break
     for number, sample in enumerate(samples, start=1):
         if sample.id is None:
             sample.id = f"identity_{number}"  # the seeds' ids, in source order
     return samples, skipped
-
-
-def split_samples(samples: list[Sample], val: str, seed: int) -> tuple[list[Sample], list[Sample]]:
-    """(train, val) drawn exactly as `vlmtune data split` draws them; both keep the source order."""
-    count = parse_val(val, len(samples))
-    order = list(range(len(samples)))
-    random.Random(seed).shuffle(order)
-    chosen = set(order[:count])
-    return ([s for i, s in enumerate(samples) if i not in chosen], [s for i, s in enumerate(samples) if i in chosen])
 
 
 # --- the output folder -------------------------------------------------------------------------
@@ -291,8 +305,10 @@ def prepare_command(recipe: Literal["latex-ocr", "coco-caption"] | None = None, 
         id_column: Column to use as record id (must be unique); default ids are identity_1, identity_2, ...
         local: Read the dataset from local files instead of a hub: a parquet, arrow, json(l) or csv
             file, a folder of them, a `save_to_disk` folder, or an image folder with metadata.jsonl/csv.
-        limit: Take only the first LIMIT samples (train + val) of the split.
-        val: Validation size: a count ("4", as the seeds) or a fraction ("0.1").
+        limit: Take only the first LIMIT samples (train + val) of the split (a record with a list of
+            captions is kept whole).
+        val: Validation size in images: a count ("4", as the seeds) or a fraction ("0.1"); all
+            captions of an image go to the same side.
         seed: Seed of the train/val draw (the same as `vlmtune data split`).
         prompt: User prompt after the image placeholder (default: the recipe's seed prompt; none for
             the generic form). Use "" for none.

@@ -8,7 +8,10 @@ paths resolve against. File handling lives in `formats.py`; the reverse directio
 Readers normalise roles and placeholders but never repair a sample: a record whose placeholder
 count differs from its image count is read as it is, so that `vlmtune data check` can point at
 it. The one exception is the documented minicpm/llava rule that images with no placeholder at
-all go in front of the first user message, because that is what those formats mean.
+all go in front of the first user message, because that is what those formats mean. Numbered
+placeholders (`<image_00>`) are names, not positions: one that names no image of its record, or a
+named image that no placeholder uses, is an error here, since binding them by order would train
+on the wrong image silently.
 """
 
 from __future__ import annotations
@@ -166,6 +169,7 @@ def read_conversations(record: dict, fmt: str, where: str, base: str) -> Sample:
 
     images: list[str] = []
     used_keys: set = set()
+    unnamed: list[str] = []  # numbered placeholders that name no image of the record
     next_listed = 0
     found = 0
 
@@ -182,6 +186,8 @@ def read_conversations(record: dict, fmt: str, where: str, base: str) -> Sample:
         elif token == IMAGE and next_listed < len(listed):
             images.append(resolve_image(listed[next_listed], where, base))
             next_listed += 1
+        elif NUMBERED_PLACEHOLDER.fullmatch(token):
+            unnamed.append(token)
         # Anything else is a placeholder with no image behind it: kept for the pre-flight check.
         return IMAGE
 
@@ -197,6 +203,8 @@ def read_conversations(record: dict, fmt: str, where: str, base: str) -> Sample:
             text = pattern.sub(replace, text)
         turns.append(Turn(role, text))
 
+    if found:
+        _check_named_images(keyed, unnamed, used_keys, where)
     leftover = [keyed[k] for k in keyed if k not in used_keys] + listed[next_listed:]
     leftover = [resolve_image(p, where, base) for p in leftover]
     if leftover and found == 0:
@@ -206,6 +214,23 @@ def read_conversations(record: dict, fmt: str, where: str, base: str) -> Sample:
     images += leftover
     return Sample(images=images, turns=turns, id=_id(record), source=where,
                   meta=_extras(record, ("id", "image", "images", "conversations")))
+
+
+def _check_named_images(keyed: dict, unnamed: list[str], used_keys: set, where: str) -> None:
+    """Numbered placeholders and a record's {"<image_00>": path} map must match both ways: an
+    image bound by name must never be re-bound to another placeholder by position.
+
+    Raises:
+        DataError: a placeholder that names no image of the record, or a named image no placeholder uses.
+    """
+    if unnamed:
+        named = ", ".join(keyed) if keyed else "none: its 'image' names no image by placeholder"
+        raise DataError(f"{where}: placeholder {unnamed[0]} names no image of this record (named images: {named}) "
+                        f"— add \"{unnamed[0]}\": PATH to the record's 'image' object, or fix the placeholder")
+    unused = [k for k in keyed if k not in used_keys]
+    if unused:
+        raise DataError(f"{where}: image {unused[0]} ({keyed[unused[0]]}) is used by no placeholder in the text "
+                        f"— put {unused[0]} where that image belongs, or remove it from the record's 'image' object")
 
 
 def _content_text(content, j: int, where: str, take_image) -> str:

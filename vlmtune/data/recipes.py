@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlparse
 
-from vlmtune.data.convert import parse_val
 from vlmtune.data.sample import DataError
+from vlmtune.data.split import parse_val
 from vlmtune.data.synth import CAPTION_PROMPT, LATEX_PROMPT
 from vlmtune.errors import VlmtuneError
 
@@ -47,7 +47,8 @@ RECIPES: dict[str, Recipe] = {
     # seed 002: a formula image and its LaTeX source.
     "latex-ocr": Recipe(modelscope=("AI-ModelScope/LaTeX_OCR", "default"), hf=("linxy/LaTeX_OCR", "default"),
                         image_column="image", text_column="text", prompt=LATEX_PROMPT),
-    # seed 003: COCO 2014 captions, about five rows (one per caption) for each image_id.
+    # seed 003: COCO 2014 captions, about five rows (one per caption) for each image_id; copies that hold
+    # a list of captions per image work too (one sample per caption either way).
     "coco-caption": Recipe(modelscope=("modelscope/coco_2014_caption", "coco_2014_caption"), hf=None,
                            image_column="image", text_column="caption", prompt=CAPTION_PROMPT,
                            group_column="image_id"),

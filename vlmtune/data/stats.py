@@ -156,7 +156,7 @@ def plot_tokens(tokens: list[int], path: str | Path, max_length: int | None = No
 
 def stats_command(data: str, model: str | None = None, max_length: int | None = None, plot: str | None = None,
                   prompt: str | None = None, format: str | None = None, max_pixels: int | None = None,
-                  max_slice_nums: int | None = None) -> int:
+                  max_slice_nums: int | None = None, trust_remote_code: bool = False) -> int:
     """Sample, turn, image and text-length statistics; token lengths and a histogram with --model.
 
     Args:
@@ -170,6 +170,7 @@ def stats_command(data: str, model: str | None = None, max_length: int | None = 
         format: Force the input format (minicpm, qwen, messages, llava, csv) instead of detecting it.
         max_pixels: Per-image pixel budget (Qwen families), as in the training config.
         max_slice_nums: Most slices per image (MiniCPM-V 2.x), as data.max_slice_nums in the training config.
+        trust_remote_code: Run the Python files of the model folder (read them first) when its processor needs them.
     """
     from vlmtune.data.formats import read_dataset
 
@@ -184,8 +185,9 @@ def stats_command(data: str, model: str | None = None, max_length: int | None = 
 
         path = resolve_model_path(model)
         family = family_for(path)
-        encoder = Encoder(load_processor(path, family, max_pixels=max_pixels, max_slice_nums=max_slice_nums), family,
-                          prompt=prompt)
+        processor = load_processor(path, family, max_pixels=max_pixels, max_slice_nums=max_slice_nums,
+                                   trust_remote_code=trust_remote_code)
+        encoder = Encoder(processor, family, prompt=prompt)
     stats = compute_stats(samples, encoder)
     print(f"{data}: {stats.n_samples} samples ({fmt})")
     print(format_stats(stats, max_length, model))

@@ -16,7 +16,8 @@ latex only
                    (see `latex_render`)
     unparseable    fraction of predictions mathtext cannot parse, or cannot draw for lack of a
                    glyph (these never match)
-caption (strings tokenised by `caption_tokens`: lowercase, punctuation removed)
+caption (strings tokenised by `caption_tokens` as the COCO caption evaluation does: its PTB
+         tokenizer's rules, lowercase, punctuation removed; scores equal pycocoevalcap's)
     bleu4          corpus BLEU-4 with COCO's closest-reference brevity penalty
     cider          CIDEr-D as in pycocoevalcap, in [0, 10] (papers print x100)
     rouge_l        mean over samples of ROUGE-L F (beta 1.2) against the sample's references

@@ -11,11 +11,12 @@ from collections.abc import Hashable, Sequence
 
 import numpy as np
 
+from vlmtune.metrics.ptb import ptb_caption_tokens
+
 _WHITESPACE = re.compile(r"\s+")
 # CJK ideographs, kana and hangul are written without spaces, so each character is a word.
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
 _WORD = re.compile(rf"[{_CJK}]|[^\W{_CJK}]+|[^\w\s]")
-_NOT_ALNUM = re.compile(r"[\W_]+")
 
 
 def normalize_text(text: str) -> str:
@@ -42,18 +43,18 @@ def word_tokens(text: str) -> list[str]:
 
 
 def caption_tokens(text: str) -> list[str]:
-    """Tokenise a caption the way the COCO evaluation sees it, without its Java PTB tokenizer.
+    """Tokenise a caption as the COCO caption evaluation (pycocoevalcap) does.
 
-    Lowercase, turn every character that is not a letter or digit into a space, split on
-    whitespace. COCO's Stanford PTB tokenizer also lowercases and drops punctuation tokens, but it
-    splits clitics differently: "don't" is "do n't" there and "don t" here, "dog's" is "dog 's" there
-    and "dog s" here, and it keeps "well-known" as one token where this splits it in two. Scores
-    on captions with such words can therefore differ slightly from pycocoevalcap's.
+    That evaluation runs Stanford's Penn Treebank tokenizer (Java) with lowercasing, then drops
+    punctuation tokens; `vlmtune.metrics.ptb` does the same in Python, so BLEU, CIDEr-D and
+    ROUGE-L on these tokens equal pycocoevalcap's. Clitics are split off ("don't" -> do n't,
+    "dog's" -> dog 's), hyphenated words and numbers stay whole, abbreviations keep their period,
+    and brackets become -lrb- / -rrb- tokens, as they do there.
 
-    >>> caption_tokens("A man, riding a well-known horse.")
-    ['a', 'man', 'riding', 'a', 'well', 'known', 'horse']
+    >>> caption_tokens("A man's well-known horse (3.5 years old) doesn't run.")
+    ['a', 'man', "'s", 'well-known', 'horse', '-lrb-', '3.5', 'years', 'old', '-rrb-', 'does', "n't", 'run']
     """
-    return _NOT_ALNUM.sub(" ", text.lower()).split()
+    return list(ptb_caption_tokens(text))
 
 
 def levenshtein(a: Sequence[Hashable], b: Sequence[Hashable]) -> int:

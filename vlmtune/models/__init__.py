@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vlmtune.models import generic, minicpmv2, minicpmv4, qwen2_5_vl, qwen2_vl, qwen3_vl
-from vlmtune.models.family import Family, read_model_config
+from vlmtune.models.family import Family, check_vision_language, read_model_config
 from vlmtune.models.minicpmv import detect_arch
 
 FAMILIES: dict[str, Family] = {
@@ -22,12 +22,16 @@ def family_for(path: str | Path) -> Family:
     """The family of the checkpoint in folder `path` (generic when not one vlmtune knows by name).
 
     Raises:
-        VlmtuneError: no readable config.json, or a MiniCPM-V version vlmtune does not implement.
+        VlmtuneError: no readable config.json, a text-only language model, or a MiniCPM-V version
+            vlmtune does not implement.
     """
     config = read_model_config(path)
     if config["model_type"] in minicpmv2.MODEL_TYPES:  # one model_type, several architectures
         return FAMILIES[detect_arch(config, where=str(Path(path) / "config.json"))]
-    return FAMILIES.get(config["model_type"], generic.FAMILY)
+    if config["model_type"] in FAMILIES:
+        return FAMILIES[config["model_type"]]
+    check_vision_language(config, path)
+    return generic.FAMILY
 
 
 __all__ = ["FAMILIES", "Family", "family_for"]

@@ -58,5 +58,35 @@ def read_model_config(path: str | Path) -> dict:
         raise VlmtuneError(f"{config}: cannot read model_type ({e})") from None
 
 
+VLM_EXAMPLES = "Qwen2-VL, Qwen2.5-VL, Qwen3-VL, MiniCPM-V, LLaVA, Idefics3, SmolVLM, Gemma 3, InternVL, PaliGemma"
+
+
+def is_text_only(config: dict) -> bool:
+    """Whether `config` (a parsed config.json) is a language model with no vision part: a model type
+    transformers builds as a causal LM but not as an image-text-to-text model, with no vision config.
+
+    Model types transformers does not know (remote code) are not judged here: nothing tells.
+    """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as CAUSAL_LM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES as IMAGE_TEXT
+
+    model_type = config["model_type"]
+    return (model_type in CAUSAL_LM and model_type not in IMAGE_TEXT
+            and not any("vision" in key for key in config))
+
+
+def check_vision_language(config: dict, path: str | Path) -> None:
+    """Refuse a text-only model by its config.json, before any processor or weights load (which
+    would fail later with an image-processor traceback).
+
+    Raises:
+        VlmtuneError: `config` is a text-only language model.
+    """
+    if is_text_only(config):
+        raise VlmtuneError(
+            f"{path}: not a vision-language model (model_type {config['model_type']}); vlmtune fine-tunes image+text "
+            f"models such as {VLM_EXAMPLES}. Pass such a model, or use a text fine-tuning tool for this one.")
+
+
 def read_model_type(path: str | Path) -> str:
     return read_model_config(path)["model_type"]

@@ -1,11 +1,14 @@
 """Loading a model and its processor from a local folder or a hub id (Hugging Face or ModelScope).
 
-Nothing from a model folder is executed unless the user sets `trust_remote_code: true`.
+Nothing from a model folder is executed unless the user passes `--trust-remote-code`; the
+commands turn that flag into `trust_remote_code=True` here, and a config's own value never does
+(`vlmtune.config.remote_code_flag`, `saved_remote_code`).
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -42,6 +45,30 @@ def resolve_model_path(name_or_path: str, hub: str = "hf", revision: str | None 
             "Without network access, download it elsewhere and pass the local folder as model.name_or_path.") from None
 
 
+def check_adapter(adapter: str | Path) -> Path:
+    """The LoRA adapter folder `adapter`, checked before any model loads (peft's own error comes
+    only after the base model has loaded, as a traceback).
+
+    Raises:
+        VlmtuneError: no such folder, or one without adapter_config.json and adapter weights.
+    """
+    path = Path(adapter).expanduser()
+    if not path.exists():
+        raise VlmtuneError(f"--adapter {adapter}: no such folder; pass the folder holding adapter_config.json "
+                           "(a run's final/ or one of its checkpoint-N/)")
+    if not path.is_dir():
+        raise VlmtuneError(f"--adapter {adapter}: is a file; pass the folder holding adapter_config.json")
+    if not (path / "adapter_config.json").is_file():
+        inside = sorted(p.name for p in path.iterdir() if p.is_dir() and (p / "adapter_config.json").is_file())
+        hint = f"; it has {', '.join(inside)}: pass one of those" if inside else \
+            " (a LoRA checkpoint written by vlmtune train holds adapter_config.json and adapter_model.safetensors)"
+        raise VlmtuneError(f"--adapter {adapter}: holds no adapter_config.json, so it is not a LoRA adapter{hint}")
+    if not any((path / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise VlmtuneError(f"--adapter {adapter}: has adapter_config.json but no adapter_model.safetensors; "
+                           "the adapter weights are missing")
+    return path
+
+
 def pick_dtype(name: str) -> torch.dtype:
     """'auto' is bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU."""
     if name == "auto":
@@ -51,15 +78,40 @@ def pick_dtype(name: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
+_WARNED: set[Path] = set()
+
+
+def warn_remote_code(path: Path) -> None:
+    """Say, once per folder, which Python files of `path` transformers may now import and run: the
+    user enabled remote code and should know exactly what that executes."""
+    path = Path(path).resolve()
+    if path in _WARNED:
+        return
+    _WARNED.add(path)
+    files = sorted(p.name for p in path.glob("*.py"))
+    what = f"these Python files of {path} may run: {', '.join(files)}" if files else \
+        f"{path} holds no Python files, so nothing from it runs"
+    print(f"warning: --trust-remote-code: {what}. Read them first; they run with your permissions.",
+          file=sys.stderr, flush=True)
+
+
 def _check_remote_code(path: Path, trust_remote_code: bool) -> None:
+    """Refuse a model that exists only as remote code unless remote code was enabled; when it
+    was, list the files it runs."""
+    if trust_remote_code:
+        warn_remote_code(path)
+        return
+    if not (path / "config.json").is_file():  # a LoRA checkpoint folder has a processor but no config.json
+        return
     config = json.loads((path / "config.json").read_text())
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    if config.get("model_type") not in CONFIG_MAPPING and "auto_map" in config and not trust_remote_code:
+    if config.get("model_type") not in CONFIG_MAPPING and "auto_map" in config:
         raise VlmtuneError(
             f"{path}: model_type {config.get('model_type')!r} is not built into transformers and exists only as "
-            "remote code in the model folder. vlmtune does not run code from model folders unless you set "
-            "model.trust_remote_code=true (read that code first).")
+            "remote code in the model folder. vlmtune runs code from a model folder only when you pass "
+            "--trust-remote-code on the command line (model.trust_remote_code=true in a config is not enough); "
+            "read that code first.")
 
 
 def load_processor(path: Path, family: Family, min_pixels: int | None = None, max_pixels: int | None = None,
@@ -76,8 +128,7 @@ def load_processor(path: Path, family: Family, min_pixels: int | None = None, ma
         return load_minicpm_processor(path, max_slice_nums=max_slice_nums)
     from transformers import AutoProcessor
 
-    if (Path(path) / "config.json").is_file():  # a LoRA checkpoint folder has a processor but no config.json
-        _check_remote_code(Path(path), trust_remote_code)  # processors can be remote code too, and load first
+    _check_remote_code(Path(path), trust_remote_code)  # processors can be remote code too, and load first
     kwargs = {}
     if family.pixel_budget:
         if min_pixels:

@@ -241,6 +241,9 @@ def summarize(path: str | Path) -> ArchitectureSummary:
         return _qwen_summary(path, raw)
     if model_type in MINICPM_TYPES:
         return _minicpm_summary(raw, path)
+    from vlmtune.models import family_for
+
+    family_for(path)  # a text-only model is refused as such, not as a model without formulas
     raise VlmtuneError(f"{path}/config.json: model_type {model_type!r}: `vlmtune plan` has memory formulas for "
                        f"{', '.join(QWEN_TYPES + MINICPM_TYPES)} (MiniCPM-V 2.0 / 2.6, MiniCPM-o 2.6); not for "
                        "this one yet")

@@ -215,9 +215,21 @@ def diff_segments(reference: str, prediction: str) -> list[tuple[str, str]]:
 
 
 def references_of(record: dict) -> list[str]:
-    ref = record.get("reference")
+    """Every accepted answer of a row: `references` (a list, written since evaluation items have
+    several), else `reference` (one, or a list in files written by hand)."""
+    ref = record.get("references") if isinstance(record.get("references"), list) else record.get("reference")
     refs = ref if isinstance(ref, list) else [ref]
     return [str(r) for r in refs if r is not None] or [""]
+
+
+def other_references(references: list[str], shown: str) -> str:
+    """The references not shown in full, folded away in a <details> (no script needed)."""
+    others = list(references)
+    others.remove(shown)
+    if not others:
+        return ""
+    items = "".join(f"<li>{esc(r)}</li>" for r in others)
+    return f"<details class=\"refs\"><summary>+{len(others)} more</summary><ul>{items}</ul></details>"
 
 
 def closest(references: list[str], prediction: str) -> str:
@@ -307,12 +319,13 @@ def grid_section(run: RunData, thumbs: Thumbnails) -> str:
         exact = is_exact(record)
         scores = record.get("scores") or {}
         score_text = " · ".join(f"{esc(k)} {esc(fmt(v))}" for k, v in scores.items() if k != "exact_match")
-        more = f" <small>(+{len(refs) - 1} more)</small>" if len(refs) > 1 else ""
+        label = f"closest of {len(refs)} references" if len(refs) > 1 else "reference"
         cards.append(
             f"<div class=\"card {'ok' if exact else 'bad'}\"><div class=\"thumbs\">{thumbs.of(record)}</div>"
             f"<div class=\"meta\">{mark(exact)} #{esc(record.get('index', number))} "
             f"<span class=\"source\">{esc(record.get('source', ''))}</span></div>"
-            f"<div class=\"label\">reference{more}</div><div class=\"text\">{esc(reference)}</div>"
+            f"<div class=\"label\">{label}</div><div class=\"text\">{esc(reference)}</div>"
+            f"{other_references(refs, reference)}"
             f"<div class=\"label\">prediction</div><div class=\"text\">{diff_html(reference, prediction)}</div>"
             + (f"<div class=\"scores\">{score_text}</div>" if score_text else "") + "</div>")
     shown = f"first {len(cards)} of {len(records)}" if len(records) > len(cards) else f"all {len(records)}"
@@ -350,7 +363,8 @@ def samples_section(run: RunData, thumbs: Thumbnails) -> str:
             for step, r in seen)
         rows.append(f"<div class=\"follow\"><div class=\"thumbs\">{thumbs.of(first)}</div><div class=\"history\">"
                     f"<div class=\"meta\">#{esc(index)} <span class=\"source\">{esc(first.get('source', ''))}</span>"
-                    f"</div><div class=\"label\">reference</div><div class=\"text\">{esc(reference[0])}</div>"
+                    f"</div><div class=\"label\">{'references' if len(reference) > 1 else 'reference'}</div>"
+                    f"<div class=\"text\">{esc(reference[0])}</div>{other_references(reference, reference[0])}"
                     f"<table class=\"steps\">{history}</table></div></div>")
     if not rows:
         return ""
@@ -403,6 +417,8 @@ td.same { color: #667085; }
 .text { font-family: ui-monospace, "SFMono-Regular", Menlo, Consolas, monospace; font-size: 12.5px;
         white-space: pre-wrap; overflow-wrap: anywhere; }
 .scores { font-size: 11px; margin-top: 6px; }
+details.refs summary { font-size: 11px; font-weight: 400; color: #667085; }
+details.refs ul { margin: 2px 0; padding-left: 18px; font-size: 12px; }
 .mark { font-weight: 700; font-size: 15px; } .mark.ok { color: #137333; } .mark.bad { color: #b3261e; }
 ins.miss { background: #d3f0dc; color: #0b5d27; text-decoration: underline; }
 del.extra { background: #fbd9d5; color: #a1231b; text-decoration: line-through; }

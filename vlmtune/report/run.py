@@ -150,7 +150,8 @@ def series(records: list[dict[str, float]], key: str) -> tuple[list[float], list
     for record in records:
         if key in record and "step" in record:
             steps.append(record["step"])
-            values.append(record[key])
+            # null: a NaN or infinite value (callbacks.JsonlMetrics); drawn as a gap, never as 0
+            values.append(float("nan") if record[key] is None else record[key])
     return steps, values
 
 
