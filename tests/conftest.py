@@ -12,7 +12,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -87,9 +86,19 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def run_cli(args: list[str], timeout: float = 240, **env) -> subprocess.CompletedProcess:
-    """`vlmtune ARGS` as a real command (the installed entry point's module)."""
-    return subprocess.run([sys.executable, "-m", "vlmtune.cli", *args], cwd=ROOT, env=clean_env(**env),
-                          capture_output=True, text=True, timeout=timeout)
+    """`vlmtune ARGS` in a separate process (forked from a server that has vlmtune imported
+    already; see tests/cli_process.py), with the result of `subprocess.run(capture_output=True)`."""
+    import cli_process
+
+    return cli_process.run(args, clean_env(**env), timeout)
+
+
+def start_cli(args: list[str], target: str = "vlmtune.cli:main", **env):
+    """`vlmtune ARGS` started in a separate process and left running (a `Popen`-like handle), for
+    tests that signal or kill it. `target` runs another `module:function(args)` instead."""
+    import cli_process
+
+    return cli_process.start(args, clean_env(**env), target)
 
 
 def base_overrides(model: Path, data: str, out: Path, *extra: str) -> list[str]:

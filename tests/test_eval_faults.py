@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, clean_env, draw, read_jsonl, run_cli, write_json
+from conftest import draw, read_jsonl, run_cli, start_cli, write_json
 
 from vlmtune import cli
 
@@ -52,23 +50,22 @@ def test_predict_with_a_missing_image_stops_before_any_generation(tmp_path, tiny
     assert not (tmp_path / "o").exists()
 
 
-def start_predict(tmp_path: Path, model: Path) -> tuple[subprocess.Popen, Path]:
+def start_predict(tmp_path: Path, model: Path):
     """`vlmtune predict` on N_SLOW prompts, one per batch, as a background process."""
     data = write_json(tmp_path / "many.json", records(tmp_path, N_SLOW))
     out = tmp_path / "preds.jsonl"
-    process = subprocess.Popen([sys.executable, "-m", "vlmtune.cli", "predict", "--model", str(model), "--data", data,
-                                "--out", str(out), "--batch-size", "1", "--max-new-tokens", "24"],
-                               cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = start_cli(["predict", "--model", str(model), "--data", data, "--out", str(out), "--batch-size", "1",
+                         "--max-new-tokens", "24"])
     return process, out
 
 
-def wait_for_lines(process: subprocess.Popen, path: Path, n: int, timeout: float = 120) -> None:
+def wait_for_lines(process, path: Path, n: int, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if path.exists() and len(path.read_text(encoding="utf-8").splitlines()) >= n:
             return
         if process.poll() is not None:
-            pytest.fail(f"predict ended (rc {process.returncode}) before writing {n} lines: {process.stderr.read()}")
+            pytest.fail(f"predict ended (rc {process.returncode}) before writing {n} lines: {process.read()[1]}")
         time.sleep(0.05)
     process.kill()
     pytest.fail(f"no {n} lines in {path} after {timeout} s")

@@ -13,17 +13,16 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, base_overrides, clean_env, read_jsonl, run_cli
+from conftest import base_overrides, read_jsonl, run_cli, start_cli
 
 pytestmark = pytest.mark.long
 
-SLOW_SAVE = ROOT / "tests" / "scripts" / "train_slow_save.py"
+SLOW_SAVE = "fault_scripts.train_slow_save:main"
 
 
 def args(model: Path, data: str, out: Path, *extra: str) -> list[str]:
@@ -34,16 +33,7 @@ def args(model: Path, data: str, out: Path, *extra: str) -> list[str]:
     return ["train", str(config), *base_overrides(model, data, out, *extra)]
 
 
-def start(command: list[str], **env) -> subprocess.Popen:
-    return subprocess.Popen(command, cwd=ROOT, env=clean_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-
-
-def start_cli(cli_args: list[str]) -> subprocess.Popen:
-    return start([sys.executable, "-m", "vlmtune.cli", *cli_args])
-
-
-def wait_for(condition, timeout: float = 120, what: str = "condition", proc: subprocess.Popen | None = None):
+def wait_for(condition, timeout: float = 120, what: str = "condition", proc=None):
     deadline = time.time() + timeout
     while time.time() < deadline:
         value = condition()
@@ -71,7 +61,7 @@ def incomplete(out: Path) -> list[str]:
     return sorted(p.name for p in out.glob("checkpoint-*") if not (p / "checkpoint.json").is_file())
 
 
-def finish(proc: subprocess.Popen, timeout: float = 120) -> tuple[int, str, str]:
+def finish(proc, timeout: float = 120) -> tuple[int, str, str]:
     out, err = proc.communicate(timeout=timeout)
     return proc.returncode, out, err
 
@@ -169,7 +159,7 @@ def test_signal_saves_a_checkpoint_and_prints_the_resume_command(tiny_qwen2_vl, 
     assert rc == code, stderr[-3000:]
     assert "Traceback" not in stderr
     name = signal.Signals(signum).name
-    assert f"stopping after this step and saving a checkpoint" in stdout
+    assert "stopping after this step and saving a checkpoint" in stdout
     step = max(logged_steps(out))
     assert f"{name} at step {step} of 100000: saved {out / f'checkpoint-{step}'}" in stderr
     command = f"vlmtune train {out / 'vlmtune.yaml'} train.resume=true"
@@ -186,8 +176,7 @@ def test_signal_saves_a_checkpoint_and_prints_the_resume_command(tiny_qwen2_vl, 
 
 def test_second_ctrl_c_aborts_at_once_without_a_partial_checkpoint(tiny_qwen2_vl, caption_data, tmp_path):
     out = tmp_path / "run"
-    proc = start([sys.executable, str(SLOW_SAVE), *args(tiny_qwen2_vl, caption_data["train"], out,
-                                                         "train.max_steps=100000")])
+    proc = start_cli(args(tiny_qwen2_vl, caption_data["train"], out, "train.max_steps=100000"), target=SLOW_SAVE)
     wait_for(lambda: logged_steps(out), what="the first step", proc=proc)
     proc.send_signal(signal.SIGINT)  # first: stop after this step and save...
     wait_for(lambda: temps(out), what="the checkpoint being written", proc=proc)
@@ -209,7 +198,7 @@ def test_kill_during_a_save_leaves_no_checkpoint_and_resume_skips_incomplete_one
     first = run_cli([*run, "train.max_steps=2"])  # checkpoint-2 complete, then a run that dies saving 4
     assert first.returncode == 0, first.stderr
     shutil.rmtree(out / "final")
-    proc = start([sys.executable, str(SLOW_SAVE), *run, "train.resume=true"])
+    proc = start_cli([*run, "train.resume=true"], target=SLOW_SAVE)
     wait_for(lambda: [t for t in temps(out) if "checkpoint-4" in t], what="checkpoint-4 being written", proc=proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -266,7 +255,7 @@ def _data_copy(caption_data, tmp_path) -> tuple[str, Path]:
 def test_image_broken_mid_run_follows_on_bad_sample(tiny_qwen2_vl, caption_data, tmp_path, policy):
     data, image = _data_copy(caption_data, tmp_path)
     out = tmp_path / "run"
-    steps = 400 if policy == "skip" else 100000
+    steps = 80 if policy == "skip" else 100000
     proc = start_cli(args(tiny_qwen2_vl, data, out, f"data.on_bad_sample={policy}", f"train.max_steps={steps}",
                           "train.save_steps=100000"))
     wait_for(lambda: logged_steps(out), what="the first step", proc=proc)

@@ -19,7 +19,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, base_overrides, clean_env, draw, run_cli, trained_runs, write_json
+from conftest import base_overrides, draw, run_cli, start_cli, trained_runs, write_json
 from vlmtune.config import ConfigError, load_config
 
 
@@ -264,8 +263,7 @@ def hidden_beside(out: Path) -> list[Path]:
 @pytest.mark.long
 def test_a_killed_merge_leaves_a_temp_folder_the_next_merge_removes(lora_run, tmp_path):
     out = tmp_path / "merged"
-    proc = subprocess.Popen([sys.executable, "-m", "vlmtune.cli", "merge", str(lora_run), "--out", str(out)],
-                            cwd=ROOT, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_cli(["merge", str(lora_run), "--out", str(out)])
     try:
         deadline = time.time() + 120
         while proc.poll() is None and time.time() < deadline:

@@ -6,8 +6,6 @@ same final weights, bit for bit (fp32 on CPU, one thread, deterministic)."""
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -15,11 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, base_overrides, clean_env, read_jsonl
+from conftest import base_overrides, read_jsonl, start_cli
 from vlmtune.config import load_config
 from vlmtune.train import train
 
-KILLER = ROOT / "tests" / "scripts" / "train_then_die.py"
+KILLER = "fault_scripts.train_then_die:main"
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "minicpmv2", "minicpmv2_6", "minicpmv4_6")
 METHODS = {
     "lora": ["train.method=lora"],
@@ -60,11 +58,11 @@ def final_tensors(run: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def kill_after_step(step: int, args: list[str]) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, str(KILLER), str(step), *args], cwd=ROOT, env=clean_env(),
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
-    return result
+def kill_after_step(step: int, args: list[str]) -> None:
+    """Train in a separate process that SIGKILLs itself once `step` is logged."""
+    child = start_cli([str(step), *args], target=KILLER)
+    _, err = child.communicate(timeout=300)
+    assert child.returncode == -signal.SIGKILL, err[-3000:]
 
 
 @pytest.mark.long

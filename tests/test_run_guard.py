@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from vlmtune.run_guard import Diverged, DivergenceGuard
+from vlmtune.run_guard import DivergenceGuard
+from vlmtune.errors import Diverged
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])

@@ -42,6 +42,17 @@ def demo(out: str = "demo_out", steps: int | None = None, train_samples: int = 1
         val_samples: Held-out images for the before/after evaluation.
         seed: Seed of the data, the model weights and training.
     """
+    if not DEMO_CONFIG.exists():
+        raise VlmtuneError(f"{DEMO_CONFIG} not found: run the demo from a vlmtune source checkout")
+    from vlmtune.runlock import RunLock
+
+    started = time.time()
+    out = Path(out)
+    with RunLock(out):  # a second demo into the same folder is refused, not allowed to delete this one's run
+        return _demo(out, steps, train_samples, val_samples, seed, started)
+
+
+def _demo(out: Path, steps: int | None, train_samples: int, val_samples: int, seed: int, started: float) -> int:
     from vlmtune.config import load_config
     from vlmtune.data.synth import make_caption
     from vlmtune.evaluate import comparison_table, eval_command
@@ -49,10 +60,6 @@ def demo(out: str = "demo_out", steps: int | None = None, train_samples: int = 1
     from vlmtune.report import build_report
     from vlmtune.train import train
 
-    if not DEMO_CONFIG.exists():
-        raise VlmtuneError(f"{DEMO_CONFIG} not found: run the demo from a vlmtune source checkout")
-    started = time.time()
-    out = Path(out)
     run = out / "run"
     if run.exists():
         if not (out / MARKER).exists():

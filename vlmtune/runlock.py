@@ -27,9 +27,11 @@ class RunLock:
     def __init__(self, folder: str | Path):
         self.path = Path(folder) / LOCK_NAME
         self._fd: int | None = None
+        self._created = False  # the folder was made for the lock: removed again if nothing else went in
         self.previous: dict | None = None  # the holder's details, if a dead run left the lock behind
 
     def acquire(self) -> RunLock:
+        self._created = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -49,13 +51,18 @@ class RunLock:
         return self
 
     def release(self) -> None:
-        """Empty the file (an empty lock is a free one) and let go."""
+        """Empty the file (an empty lock is a free one) and let go. A folder made only to hold the
+        lock (a run refused before it wrote anything) is removed again."""
         if self._fd is None:
             return
         try:
             os.ftruncate(self._fd, 0)
         except OSError:
             pass
+        folder = self.path.parent
+        if self._created and [p.name for p in folder.iterdir()] == [LOCK_NAME]:
+            self.path.unlink(missing_ok=True)
+            folder.rmdir()
         os.close(self._fd)  # closing drops the flock
         self._fd = None
 
