@@ -32,6 +32,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/python bench/train_speed.py
 	$(VENV)/bin/python bench/eval_speed.py
+	$(VENV)/bin/python bench/serve_speed.py
 	$(VENV)/bin/python bench/vision_cache.py
 	$(VENV)/bin/python bench/plan_validation.py
 	$(VENV)/bin/python bench/plan_published.py

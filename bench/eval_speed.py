@@ -41,8 +41,7 @@ from vlmtune.config import load_config
 from vlmtune.data.formats import load_samples
 from vlmtune.data.sample import IMAGE
 from vlmtune.data.synth import make_caption
-from vlmtune.evaluate import derive_max_new_tokens, generate, load_for_eval, resolve_target
-from vlmtune.infer import make_encoder
+from vlmtune.generation import derive_max_new_tokens, generate, load_target, make_encoder, resolve_target
 from vlmtune.models.tiny import build_tiny_model
 from vlmtune.train import train
 
@@ -100,7 +99,7 @@ def main() -> int:
         run, val_file = build(Path(tmp))
         trained_s = time.perf_counter() - started
         target = resolve_target(str(run), None, None)
-        model, processor, family = load_for_eval(target)
+        model, processor, family = load_target(target)
         encoder = make_encoder(target.config, processor, family)
         samples = load_samples(val_file)[:N_SAMPLES]
         messages = [seeds_messages(s) for s in samples]

@@ -84,8 +84,8 @@ def scenarios() -> list[dict]:
 
 def main() -> int:
     from vlmtune.config import load_config
-    from vlmtune.memory_estimate import GiB
-    from vlmtune.models.summary import summarize
+    from vlmtune.plan.estimate import GiB
+    from vlmtune.plan.summary import summarize
     from vlmtune.plan import make_plan
 
     out = []

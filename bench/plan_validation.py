@@ -8,7 +8,7 @@ vision 32 x 2; 0.2M parameters), a mid-size one (hidden 512, 8 layers, vision 25
 resized to 16,384 so the logits weigh as in a real model; 40M parameters), and tiny Qwen2.5-VL and
 Qwen3-VL (hidden 128, vision 64 x 2: SwiGLU/RMSNorm vision blocks; q/k norms). Each case trains
 `vlmtune.train.train` for 3 optimizer steps in its own process and measures step 2 (the first with
-the optimizer state in place) with `vlmtune.peak_memory`: tensor bytes through c10's allocator, as
+the optimizer state in place) with `tests/peak_memory.py`: tensor bytes through c10's allocator, as
 `torch.cuda.max_memory_allocated()` would count them on a GPU (its docstring says why not RSS).
 Then `vlmtune.plan.make_plan` estimates the same run on a CPU (`--device cpu`: fp32 unless the
 case says bf16, no CUDA overhead) for the batch the step actually got: its padded length and
@@ -114,7 +114,8 @@ def measure_case(overrides: list[str]) -> dict:
     import torch
 
     from vlmtune.config import load_config
-    from vlmtune.peak_memory import measure_training_peak
+    sys.path.insert(0, str(ROOT / "tests"))  # the measurement is a test helper
+    from peak_memory import measure_training_peak
 
     torch.manual_seed(0)
     m = measure_training_peak(load_config(None, overrides), step=2)

@@ -17,7 +17,7 @@ from vlmtune.config import load_config
 from vlmtune.data.check import check_samples
 from vlmtune.data.encode import Encoder
 from vlmtune.data.formats import load_samples
-from vlmtune.data.sample import DataError
+from vlmtune.errors import DataError
 
 MAX_LENGTH = 100
 LONG_ANSWER = " ".join(["a red circle and a blue square on the left"] * 12)

@@ -75,4 +75,4 @@ def test_torchrun_two_processes_train_and_write_once(tiny_qwen2_vl, qwen2_vl_par
     assert result.stdout.count("done: run folder") == 1
     assert result.stdout.count("train data: 7 samples, 6 ok, 1 with problems") == 1
     assert [r["source"] for r in read_jsonl(out / "rejected_train.jsonl")] == [f"{data}:3"]
-    assert not list(out.rglob("*.tmp"))
+    assert not list(out.rglob("*.tmp")) and not list(out.rglob(".*.tmp-*"))

@@ -19,9 +19,10 @@ from conftest import base_overrides, caption_records, draw, read_jsonl, write_js
 from vlmtune.config import load_config
 from vlmtune.data.collate import EncodedDataset
 from vlmtune.data.encode import Encoder
-from vlmtune.data.encode_cache import EncodeCache, tensors_checksum
+from vlmtune.data.encode_cache import EncodeCache
 from vlmtune.data.formats import load_samples
 from vlmtune.data.sample import Turn
+from vlmtune.fileio import tensors_checksum
 from vlmtune.train import train
 
 

@@ -80,12 +80,11 @@ def test_records_of_one_image_and_prompt_are_one_item_with_every_reference(tmp_p
 
 def test_generate_asks_each_prompt_once(tmp_path, tiny_qwen2_vl):
     from vlmtune.data.formats import load_samples
-    from vlmtune.evaluate import generate, load_for_eval, resolve_target
-    from vlmtune.infer import make_encoder
+    from vlmtune.generation import generate, load_target, make_encoder, resolve_target
 
     samples = load_samples(grouped_data(tmp_path))
     target = resolve_target(None, str(tiny_qwen2_vl), None)
-    model, processor, family = load_for_eval(target)
+    model, processor, family = load_target(target)
     batches = []
     answers = generate(model, make_encoder(target.config, processor, family), samples, batch_size=1,
                        max_new_tokens=3, progress=False, on_batch=lambda i, a: batches.append((i, a)))
@@ -99,7 +98,7 @@ def test_score_makes_coco_records_one_item_per_image():
     from pathlib import Path
 
     from vlmtune.data.sample import Sample, Turn
-    from vlmtune.evaluate import first_items, score
+    from vlmtune.scoring import first_items, score
     from vlmtune.metrics import compute_metrics
 
     images = json.loads((Path(__file__).parent / "data" / "coco_captions_50.json").read_text())["images"]

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from vlmtune.data.formats import FORMATS, detect_format, load_samples, read_dataset, write_samples
-from vlmtune.data.sample import IMAGE, DataError, Sample, Turn
+from vlmtune.data.sample import IMAGE, Sample, Turn
+from vlmtune.errors import DataError
 
 
 def png(path) -> str:

@@ -17,8 +17,8 @@ from vlmtune.config import load_config
 from vlmtune.data.collate import EncodedDataset
 from vlmtune.data.formats import load_samples
 from vlmtune.data.sample import IMAGE, Sample, Turn
-from vlmtune.evaluate import generate, load_for_eval, resolve_target
-from vlmtune.infer import ChatSession, make_encoder
+from vlmtune.generation import generate, load_target, make_encoder, resolve_target
+from vlmtune.infer import ChatSession
 from vlmtune.train import train
 
 # (colour, shape, side): two image sizes, so prompts differ in length (4 or 16 image tokens)
@@ -51,7 +51,7 @@ def setup(tmp_path_factory, tiny_qwen2_vl) -> dict:
         "train.freeze_vision=false", "train.freeze_projector=false", "train.learning_rate=0.003",
         "train.max_steps=30", "train.batch_size=4", "train.grad_accum=1", "eval.num_samples=0",
         "train.save_steps=1000", "train.logging_steps=100", f"train.output_dir={root / 'run'}"]))
-    model, processor, family = load_for_eval(resolve_target(str(run), None, None))
+    model, processor, family = load_target(resolve_target(str(run), None, None))
     encoder = make_encoder(load_config(run / "final" / "vlmtune.yaml"), processor, family)
     return {"root": root, "run": run, "model": model, "encoder": encoder, "image": root / "images" / "0.png"}
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, read_jsonl, run_cli, write_json
 from vlmtune.config import load_config
-from vlmtune.data.sample import DataError
+from vlmtune.errors import DataError
 from vlmtune.models import family_for
 from vlmtune.models.load import load_model, load_processor
 from vlmtune.train import train
@@ -95,9 +95,9 @@ def test_eval_and_chat_commands_on_a_minicpm_adapter(tiny_model_dir, caption_dat
     model = tiny_model_dir("minicpmv2_6")
     out = train(load_config(None, tiny_run_overrides(model, caption_data["train"], tmp_path / "run", "lora.r=4",
                                                      f"data.val={caption_data['val']}", "data.max_slice_nums=2")))
-    from vlmtune.evaluate import load_for_eval, resolve_target
+    from vlmtune.generation import load_target, resolve_target
 
-    _, processor, _ = load_for_eval(resolve_target(str(out), None, None))
+    _, processor, _ = load_target(resolve_target(str(out), None, None))
     assert processor.image_processor.max_slice_nums == 2  # the run's setting, not the checkpoint's 4
     result = run_cli(["eval", str(out), "--compare-base", "--max-new-tokens", "3"], HOME=str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]

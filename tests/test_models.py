@@ -14,7 +14,6 @@ from dataclasses import replace
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForImageTextToText
 
 from conftest import ROOT, base_overrides, clean_env, draw, read_jsonl
 from vlmtune.config import load_config
@@ -79,7 +78,7 @@ def test_family_parts_cover_every_parameter(tiny_model_dir, name):
         parts.setdefault(family.part_of(n), []).append(n)
     assert set(parts) == set(PARTS), f"parameters outside the known parts: {parts.get('other', [])[:5]}"
     projector = {"minicpmv4_6": ("model.merger.",), "minicpmv4_7": ("model.merger.",)}.get(
-        name, ("resampler.",) if family.native else ("model.visual.merger", "model.visual.deepstack"))
+        name, ("resampler.",) if family.own_implementation else ("model.visual.merger", "model.visual.deepstack"))
     assert all(n.startswith(projector) for n in parts["projector"])
     # MiniCPM-V 4.x's window merger sits between vision blocks: part of the tower, not the projector
     assert not any("merger" in n.replace("vit_merger", "") for n in parts["vision"])

@@ -22,8 +22,7 @@ from vlmtune.data.encode import IGNORE_INDEX, Encoder
 from vlmtune.data.formats import load_samples
 from vlmtune.data.packing import (PackingCollator, check_packable, check_packing_attention, mrope_positions,
                                   pack_by_length, pack_length)
-from vlmtune.data.sample import DataError
-from vlmtune.errors import ConfigError
+from vlmtune.errors import ConfigError, DataError
 from vlmtune.models import family_for
 from vlmtune.models.load import load_processor
 from vlmtune.train import train

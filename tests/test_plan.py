@@ -9,9 +9,9 @@ import torch
 
 from conftest import ROOT, draw, run_cli, write_json
 from vlmtune.config import load_config
-from vlmtune.memory_estimate import Trainable
-from vlmtune.models.summary import summarize
 from vlmtune.plan import make_plan, parse_memory
+from vlmtune.plan.estimate import Trainable
+from vlmtune.plan.summary import summarize
 
 TOLERANCE = 0.20  # issue 5: within 20% of the measured peak
 
@@ -45,7 +45,7 @@ def _overrides(model, data, out, *extra) -> list[str]:
      "train.gradient_checkpointing=true"],
 ], ids=["lora", "lora+gc+dropout", "full", "full+vision+gc"])
 def test_estimate_is_within_20_percent_of_the_measured_peak(case, tiny_qwen2_vl, padded_data, tmp_path):
-    from vlmtune.peak_memory import measure_training_peak
+    from peak_memory import measure_training_peak
 
     torch.manual_seed(0)
     overrides = _overrides(tiny_qwen2_vl, padded_data, tmp_path / "run", *case)

@@ -21,9 +21,8 @@ from vlmtune.data import recipes
 from vlmtune.data.formats import FORMATS, load_samples
 from vlmtune.data.prepare import prepare_command
 from vlmtune.data.recipes import resolve_args
-from vlmtune.data.sample import DataError
 from vlmtune.data.synth import CAPTION_PROMPT, LATEX_PROMPT
-from vlmtune.errors import VlmtuneError
+from vlmtune.errors import DataError, VlmtuneError
 
 IMAGE_FEATURES = {"image": datasets.Image()}
 

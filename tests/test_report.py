@@ -246,7 +246,7 @@ def test_predictions_fallback_missing_images_and_rebuild(tmp_path):
     (run / "eval" / "compare.json").unlink()
     second = build_report(run).read_text()
     assert "Before / after" in first and "Before / after" not in second
-    assert not [p for p in run.iterdir() if p.name.startswith(".report-")]
+    assert not [p for p in run.iterdir() if p.name.startswith(".report") or ".tmp-" in p.name]
 
 
 def test_rows_with_several_references_show_the_closest_and_fold_the_others(tmp_path):

@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from vlmtune.run_guard import DivergenceGuard
 from vlmtune.errors import Diverged
+from vlmtune.run_guard import DivergenceGuard
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])

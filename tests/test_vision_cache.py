@@ -16,16 +16,16 @@ from transformers import AutoModelForImageTextToText, TrainerCallback
 
 from conftest import base_overrides, caption_records, read_jsonl, write_json
 from vlmtune.config import load_config
-from vlmtune.data.collate import Collator, EncodedDataset
+from vlmtune.data.collate import Collator, EncodedDataset, hash_images
 from vlmtune.data.encode import Encoder
-from vlmtune.data.encode_cache import parse_tensors
 from vlmtune.data.formats import load_samples
 from vlmtune.errors import ConfigError
+from vlmtune.fileio import parse_tensors
 from vlmtune.models import family_for, generic
 from vlmtune.models.load import load_processor
 from vlmtune.train import train
 from vlmtune.tuning import prepare_model
-from vlmtune.vision_cache import VisionFeatureCache, check_config, check_model, hash_images
+from vlmtune.vision_cache import VisionFeatureCache, check_config, check_model
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("vlmtune.evaluate:eval_command", "Evaluate a run, checkpoint or model on a dataset with task metrics."),
     "predict": ("vlmtune.infer:predict_command", "Batched generation over a dataset to JSONL."),
     "chat": ("vlmtune.infer:chat_command", "Chat with a model (interactive, or one-shot with --prompt/--image)."),
+    "serve": ("vlmtune.serve.command:serve_command", "Serve a run or model over an OpenAI-compatible HTTP API."),
     "merge": ("vlmtune.merge:merge_command", "Merge a LoRA checkpoint into its base model and verify the result."),
     "report": ("vlmtune.report:report_command", "Rebuild report.html for a run folder."),
     "plan": ("vlmtune.plan:plan_command", "Estimate peak memory per device of a training run before loading weights."),

@@ -22,6 +22,7 @@ from typing import Literal
 import yaml
 
 from vlmtune.errors import ConfigError
+from vlmtune.fileio import atomic_write_text
 
 CONFIG_NAME = "vlmtune.yaml"
 
@@ -29,7 +30,7 @@ CONFIG_NAME = "vlmtune.yaml"
 @dataclass
 class ModelConfig:
     name_or_path: str = ""  # hub id ("Qwen/Qwen2-VL-2B-Instruct") or local folder
-    hub: Literal["hf", "modelscope"] = "hf"  # where hub ids are downloaded from (the seeds use ModelScope)
+    hub: Literal["hf", "modelscope"] = "hf"  # where hub ids are downloaded from (the tutorials use ModelScope)
     revision: str | None = None  # hub revision (branch, tag or commit)
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16/fp16 on GPU, fp32 on CPU
     trust_remote_code: bool = False  # run the model folder's Python code; only `--trust-remote-code` turns it on
@@ -47,8 +48,8 @@ class DataConfig:
     max_length: int = 2048  # longest sample in tokens, image tokens included; longer ones are never truncated
     min_pixels: int | None = None  # per-image pixel budget (Qwen families), lower bound
     max_pixels: int | None = None  # per-image pixel budget (Qwen families), upper bound
-    max_slice_nums: int | None = None  # most slices per image (MiniCPM-V 2.x, the seeds' 9); None: the checkpoint's
-    image_size: list[int] | None = None  # fixed [width, height] resize, e.g. [280, 280] as seed 003
+    max_slice_nums: int | None = None  # most slices per image (MiniCPM-V 2.x, the tutorials' 9); None: the checkpoint's
+    image_size: list[int] | None = None  # fixed [width, height] resize, e.g. [280, 280] as COCO captions (Qwen2-VL)
     on_bad_sample: Literal["error", "skip"] = "error"  # skip: train without them, listed in RUN/rejected_train.jsonl
     num_workers: int = 0  # DataLoader worker processes that encode samples
     group_by_length: bool = True  # batch samples of similar token length together (less padding), random otherwise
@@ -81,7 +82,7 @@ class TrainConfig:
     batch_size: int = 4  # per device
     grad_accum: int = 4
     weight_decay: float = 0.0
-    adam_beta2: float = 0.999  # AdamW beta2 (the MiniCPM-V seeds use 0.95)
+    adam_beta2: float = 0.999  # AdamW beta2 (the MiniCPM-V tutorials use 0.95)
     warmup_ratio: float = 0.0
     lr_scheduler: str = "linear"
     max_grad_norm: float = 1.0
@@ -343,9 +344,5 @@ def config_to_dict(config: RunConfig) -> dict:
 
 
 def save_config(config: RunConfig, folder: str | Path) -> Path:
-    path = Path(folder) / CONFIG_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False, allow_unicode=True))
-    tmp.replace(path)
-    return path
+    text = yaml.safe_dump(config_to_dict(config), sort_keys=False, allow_unicode=True)
+    return atomic_write_text(Path(folder) / CONFIG_NAME, text)

@@ -4,19 +4,30 @@ Everything vlmtune writes that a later command reads (checkpoints, merged models
 is first written under a temporary name beside its destination and renamed into place once
 complete. Temporary names carry the writer's host and PID (`.NAME.tmp-HOST-PID`), so a later
 run can tell the leftovers of a dead process from the work of a live one and remove them.
+Cache entries (`atomic_write_bytes`) are the exception: many processes write the same entry at
+once, so they take unique temporary names. Tensor files (`dump_tensors`, `parse_tensors`) carry
+a checksum, so a damaged cache entry is detected and recomputed.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import socket
+import tempfile
+import zlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vlmtune.errors import VlmtuneError
 
+if TYPE_CHECKING:  # torch loads only where tensor files are written: `vlmtune data convert` never needs it
+    import torch
+
 TEMP_MARK = ".tmp-"
+TENSOR_FILE_VERSION = 2  # in every tensor file's metadata; bump when `dump_tensors` writes another layout
 
 
 def host() -> str:
@@ -83,21 +94,88 @@ def remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write `text` to `path` through a temporary sibling and a rename: all of it or nothing."""
+def atomic_write_text(path: str | Path, text: str, mode: int | None = None) -> Path:
+    """Write `text` to `path` through a temporary sibling and a rename: all of it or nothing.
+
+    The text is written as it is (no newline translation: CSV rows keep their "\r\n"). `mode`
+    sets the file's permissions; None leaves those of a new file under the umask.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(path)
     try:
-        with tmp.open("w", encoding="utf-8") as f:
+        with tmp.open("w", encoding="utf-8", newline="") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        if mode is not None:
+            tmp.chmod(mode)
         tmp.replace(path)
-    except OSError as e:
+    except BaseException as e:  # Ctrl-C included: no temporary file is left behind
         tmp.unlink(missing_ok=True)
-        raise disk_full_error(e, path) or e
+        if isinstance(e, OSError):
+            raise disk_full_error(e, path) or e
+        raise
     return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """`data` at `path`, all or nothing, for cache entries that several processes (DataLoader
+    workers, DDP ranks) may write at once: a uniquely named temporary file beside it, then a rename
+    (the last one wins; they hold the same bytes). Not synced to disk: a lost entry is recomputed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the entries from other users sharing the folder
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """A CRC-32 of names, dtypes, shapes and bytes, in key order (it only catches damage, and is
+    4x faster to check on every read than a SHA-256)."""
+    import torch
+
+    crc = 0
+    for name, value in tensors.items():
+        crc = zlib.crc32(f"{name}|{value.dtype}|{tuple(value.shape)};".encode(), crc)
+        crc = zlib.crc32(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data, crc)
+    return f"{crc:08x}"
+
+
+def dump_tensors(tensors: dict[str, torch.Tensor], key: str, source: str = "") -> bytes:
+    """A safetensors file holding `tensors`, their order, `key` and a checksum (see `parse_tensors`)."""
+    from safetensors.torch import save
+
+    meta = {"version": str(TENSOR_FILE_VERSION), "key": key, "source": source, "order": json.dumps(list(tensors)),
+            "checksum": tensors_checksum(tensors)}
+    return save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta)
+
+
+def parse_tensors(data: bytes, key: str) -> dict[str, torch.Tensor]:
+    """The tensors of a `dump_tensors` file, in their original order.
+
+    Raises:
+        Exception: a partial or damaged file (truncated header or data, wrong key or version,
+            checksum mismatch).
+    """
+    from safetensors.torch import load
+
+    header_len = int.from_bytes(data[:8], "little")
+    meta = json.loads(data[8: 8 + header_len]).get("__metadata__") or {}
+    if meta.get("key") != key or meta.get("version") != str(TENSOR_FILE_VERSION):
+        raise ValueError(f"the entry is for key {meta.get('key')}, version {meta.get('version')}")
+    loaded = load(data)
+    tensors = {name: loaded[name] for name in json.loads(meta["order"])}
+    if tensors_checksum(tensors) != meta["checksum"]:
+        raise ValueError("checksum mismatch")
+    return tensors
 
 
 def human_bytes(n: float) -> str:

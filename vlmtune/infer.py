@@ -8,7 +8,7 @@
 
 Both take what `vlmtune eval` takes (a run folder, a checkpoint, or --model [--adapter]) and
 build prompts with the run's own `Encoder`, so the model is asked exactly as it was trained.
-`predict` goes through `evaluate.generate`: batches padded on the left, greedy decoding. `chat`
+`predict` goes through `generation.generate`: batches padded on the left, greedy decoding. `chat`
 sends the whole conversation again at every turn, earlier answers and images included, because
 the model keeps no memory between calls; that is how seed 001's second round sees the first.
 """
@@ -22,19 +22,12 @@ from pathlib import Path
 from vlmtune.data.encode import Encoder
 from vlmtune.data.sample import IMAGE, Sample, Turn
 from vlmtune.errors import VlmtuneError
-from vlmtune.evaluate import (PartialJsonl, derive_max_new_tokens, generate, load_for_eval, preflight, prompt_text,
-                              resolve_target)
+from vlmtune.evaluate import PartialJsonl, preflight
+from vlmtune.generation import (DEFAULT_MAX_NEW_TOKENS, derive_max_new_tokens, generate, load_target, make_encoder,
+                                resolve_target)
+from vlmtune.scoring import prompt_text
 
-# For datasets without references to size answers from (eval derives it from the references).
-DEFAULT_MAX_NEW_TOKENS = 256
 CHAT_HELP = "/image PATH attaches an image to your next message, /reset forgets the conversation, /exit quits"
-
-
-def make_encoder(config, processor, family) -> Encoder:
-    """The encoder a run trained with (same prompt, system prompt and image size)."""
-    d = config.data
-    return Encoder(processor, family, prompt=d.prompt, system_prompt=d.system_prompt,
-                   image_size=tuple(d.image_size) if d.image_size else None)
 
 
 # -- predict --------------------------------------------------------------------------------
@@ -86,7 +79,7 @@ def predict_command(target: str | None = None, /, model: str | None = None, adap
         raise VlmtuneError(f"--out {out} is a folder; give a file name such as {out_path / 'predictions.jsonl'}")
     preflight(samples, data, need_answers=False)
 
-    net, processor, family = load_for_eval(t)
+    net, processor, family = load_target(t)
     encoder = make_encoder(c, processor, family)
     answered = [s for s in samples if s.answer()]
     max_new_tokens = (max_new_tokens or c.eval.max_new_tokens
@@ -127,7 +120,7 @@ class ChatSession:
     training sample, so a follow-up question sees the earlier questions, answers and images.
 
     Args:
-        model: the model, ready for generation (`evaluate.load_for_eval`).
+        model: the model, ready for generation (`generation.load_target`).
         encoder: the run's encoder (`make_encoder`).
         max_new_tokens: longest answer per turn.
     """
@@ -165,13 +158,12 @@ class ChatSession:
         return self.encoder.render(self.encoder.messages(sample, sample.prompt_turns()), add_generation_prompt=True)
 
     def ask(self, text: str, stream: bool = False) -> str:
-        """The model's answer to `text`; with `stream`, its tokens are printed as they come."""
-        from transformers import TextStreamer
-
+        """The model's answer to `text`; with `stream`, it is printed as it is generated."""
         sample = self.request(text)
-        streamer = TextStreamer(self.encoder.tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
         answer = generate(self.model, self.encoder, [sample], batch_size=1, max_new_tokens=self.max_new_tokens,
-                          progress=False, streamer=streamer)[0]
+                          progress=False, on_text=(lambda _, piece: print(piece, end="", flush=True)) if stream else None)[0]
+        if stream:
+            print(flush=True)
         # Only now, so that a failed turn leaves the conversation as it was.
         self.turns += [sample.turns[-2], Turn("assistant", answer)]
         self.images, self.pending = sample.images, []
@@ -245,7 +237,7 @@ def chat_command(target: str | None = None, /, model: str | None = None, adapter
     """
     images = [check_image(p) for p in image or []]  # before loading the model: fail fast
     t = resolve_target(target, model, adapter, trust_remote_code)
-    net, processor, family = load_for_eval(t)
+    net, processor, family = load_target(t)
     session = ChatSession(net, make_encoder(t.config, processor, family), max_new_tokens)
     session.pending = images
     if prompt:  # each --prompt is a message, never a /command

@@ -99,7 +99,7 @@ def data_batch(config: RunConfig, processor, family) -> tuple[dict, str] | None:
     from vlmtune.data.collate import Collator
     from vlmtune.data.encode import Encoder
     from vlmtune.data.formats import load_samples
-    from vlmtune.data.sample import DataError
+    from vlmtune.errors import DataError
 
     for name in ("val", "train"):
         path = getattr(config.data, name)
@@ -159,7 +159,7 @@ def _remove_weights(folder: Path) -> None:
 
 
 def _reload(folder: Path, dtype: torch.dtype, trust_remote_code: bool, device: str):
-    # what a user's plain from_pretrained gives (vlmtune's own class for the natively implemented families)
+    # what a user's plain from_pretrained gives (vlmtune's own class for the families it implements itself)
     return load_model(folder, dtype, trust_remote_code=trust_remote_code).to(device).eval()
 
 
@@ -255,7 +255,7 @@ def merge(checkpoint: str | Path, out: str | Path, tolerance: float = 1e-4, dtyp
     try:
         tmp.mkdir()  # not mkdtemp: that makes a private (0700) folder, and this one becomes `out`
         log(f"saving the merged model (fp32) to {tmp} ...")
-        if family.native:  # a run's data.max_slice_nums lives in its processor; config.json must agree
+        if family.own_implementation:  # a run's data.max_slice_nums lives in its processor; config.json must agree
             merged.config.set_max_slice_nums(processor.image_processor.max_slice_nums)
         save_merged(merged, processor, tmp)
         copied = _copy_remote_code(base_path, tmp) if "auto_map" in json.loads((tmp / "config.json").read_text()) else []
@@ -303,7 +303,7 @@ def merge(checkpoint: str | Path, out: str | Path, tolerance: float = 1e-4, dtyp
             raise full from None
         raise
     record["out"] = str(out)
-    if family.native:
+    if family.own_implementation:
         log(f"merged model: {out} (official weight names and config: loads with vlmtune, and with the model's own "
             "code where that runs)")
     else:

@@ -23,28 +23,9 @@ from statistics import median
 import torch
 from transformers import TrainerCallback
 
-from vlmtune.data.sample import DataError
-from vlmtune.errors import VlmtuneError
+from vlmtune.errors import BadSampleError, DataError, Diverged
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
-
-
-class Stopped(VlmtuneError):
-    """The run stopped on a signal after saving a checkpoint (exit code 130 or 143)."""
-
-    label = "stopped"
-
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-class Diverged(VlmtuneError):
-    """The loss or the gradient norm stopped being a finite number."""
-
-
-class BadSampleError(DataError):
-    """A training sample that failed to load mid-run under `data.on_bad_sample: error`."""
 
 
 class GracefulStop(TrainerCallback):

@@ -1,7 +1,7 @@
 """Send validation predictions to the trackers as images with captions, and to `samples/`.
 
 Scalars reach SwanLab, TensorBoard and W&B through transformers' own callbacks (`report_to`);
-what those do not log is the (image, prediction, reference) triple the seeds look at by hand.
+what those do not log is the (image, prediction, reference) triple the tutorials look at by hand.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ MAX_IMAGES = 8
 
 def start_trackers(config, out: Path) -> None:
     """Point the trackers at the run folder. SwanLab without an API key logs locally
-    (`swanlab watch RUN/swanlog` serves the dashboard), as the seeds' users expect offline."""
+    (`swanlab watch RUN/swanlog` serves the dashboard), as the tutorials' users expect offline."""
     t = config.train
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / "tensorboard"))
     os.environ.setdefault("WANDB_PROJECT", t.project)

@@ -28,16 +28,16 @@ from vlmtune.data.encode import Encoder
 from vlmtune.data.encode_cache import EncodeCache
 from vlmtune.data.packing import PackingCollator, check_packable, check_packing_attention, pack_length, packed_dataset
 from vlmtune.data.sample import Sample
-from vlmtune.data.split import split_samples
-from vlmtune.errors import ConfigError
-from vlmtune.evaluate import first_items
+from vlmtune.data.load import load_data
+from vlmtune.errors import BadSampleError, ConfigError, Stopped
 from vlmtune.fileio import clean_stale_temps
 from vlmtune.kernels import resolve_attention, resolve_liger
 from vlmtune.models import family_for
 from vlmtune.models.family import read_model_type
 from vlmtune.models.load import load_model, load_processor, model_class, pick_dtype, resolve_model_path
-from vlmtune.run_guard import BadSampleError, DivergenceGuard, GracefulStop, GuardedSamples, Stopped
+from vlmtune.run_guard import DivergenceGuard, GracefulStop, GuardedSamples
 from vlmtune.runlock import RunLock, describe_previous
+from vlmtune.scoring import first_items
 from vlmtune.tracking import start_trackers
 from vlmtune.trainer import VLMTrainer
 from vlmtune.tuning import prepare_model, trainable_summary, upcast_trainable
@@ -51,22 +51,6 @@ def is_main_process() -> bool:
 def log(message: str) -> None:
     if is_main_process():
         print(message, flush=True)
-
-
-def split_val(samples: list[Sample], size: float, seed: int) -> tuple[list[Sample], list[Sample]]:
-    """The in-training validation split: `data split`'s rule (`vlmtune/data/split.py`), grouped by image."""
-    return split_samples(samples, size, seed, what="data.val_size") if size else (samples, [])
-
-
-def load_data(config: RunConfig) -> tuple[list[Sample], list[Sample]]:
-    from vlmtune.data.formats import load_samples
-
-    if not config.data.train:
-        raise ConfigError("data.train is not set: give the training file, e.g. data.train=data/train.json")
-    train = load_samples(config.data.train, config.data.format)
-    if config.data.val:
-        return train, load_samples(config.data.val, config.data.format)
-    return split_val(train, config.data.val_size, config.data.seed)
 
 
 def preflight(samples: list[Sample], encoder: Encoder, config: RunConfig, out: Path,
@@ -262,7 +246,7 @@ def _train(config: RunConfig, out: Path, callbacks: list[TrainerCallback] | None
     # whatever ran before in this process (Trainer seeds only once the model exists).
     set_seed(config.train.seed)
     model = load_model(path, dtype, quantization, config.model.trust_remote_code, attention)
-    if config.data.max_slice_nums and family.native:  # saved folders must agree with their processor
+    if config.data.max_slice_nums and family.own_implementation:  # saved folders must agree with their processor
         model.config.set_max_slice_nums(config.data.max_slice_nums)
     log(f"attention: {model.config._attn_implementation} ({attention_why}); "
         f"Liger kernels: {'on' if use_liger else 'off'} ({liger_why})")

@@ -25,8 +25,9 @@ from vlmtune.config import RunConfig, save_config
 from vlmtune.data.collate import LengthGroupedSampler
 from vlmtune.data.encode import Encoder
 from vlmtune.data.sample import Sample
+from vlmtune.errors import Diverged
 from vlmtune.fileio import TEMP_MARK, disk_full_error, host, remove
-from vlmtune.run_guard import Diverged, DivergenceGuard, divergence_advice
+from vlmtune.run_guard import DivergenceGuard, divergence_advice
 from vlmtune.tuning import param_groups
 from vlmtune.vision_cache import VisionFeatureCache
 
@@ -116,7 +117,8 @@ class VLMTrainer(Trainer):
     def evaluate(self, *args, **kwargs):
         metrics = super().evaluate(*args, **kwargs)
         if self.gen_samples and self.is_world_process_zero():
-            from vlmtune.evaluate import generate, score
+            from vlmtune.generation import generate
+            from vlmtune.scoring import score
             from vlmtune.tracking import log_predictions
 
             c = self.run_config.eval

@@ -22,7 +22,8 @@ from vlmtune.models.family import Family
 PARTS = ("vision", "projector", "llm")
 
 
-def _frozen_parts(train: TrainConfig) -> set[str]:
+def frozen_parts(train: TrainConfig) -> set[str]:
+    """The parts (of `PARTS`) that `train`'s freeze flags keep fixed."""
     return {part for part, frozen in (("vision", train.freeze_vision), ("projector", train.freeze_projector),
                                       ("llm", train.freeze_llm)) if frozen}
 
@@ -50,7 +51,7 @@ def whole_modules(model: nn.Module, family: Family, part: str) -> list[str]:
     return found
 
 
-def _lora_targets(model: nn.Module, family: Family, lora: LoraConfig, frozen: set[str]) -> list[str]:
+def lora_target_names(model: nn.Module, family: Family, lora: LoraConfig, frozen: set[str]) -> list[str]:
     """Full names of the linear layers that get adapters, honouring `freeze_*` flags."""
     targets = lora.targets if lora.targets is not None else family.lora_targets
     if isinstance(targets, str):
@@ -71,7 +72,7 @@ def _lora_targets(model: nn.Module, family: Family, lora: LoraConfig, frozen: se
 def prepare_model(model: nn.Module, family: Family, train: TrainConfig, lora: LoraConfig,
                   gradient_checkpointing: bool = False) -> nn.Module:
     """Set requires_grad for full training, or wrap the model with peft adapters."""
-    frozen = _frozen_parts(train)
+    frozen = frozen_parts(train)
     if train.method == "full":
         if frozen >= set(PARTS):
             raise ConfigError("train.freeze_vision, freeze_projector and freeze_llm are all true: nothing would train")
@@ -90,7 +91,7 @@ def prepare_model(model: nn.Module, family: Family, train: TrainConfig, lora: Lo
             save += whole_modules(model, family, part)
     peft_config = PeftLoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
-        target_modules=_lora_targets(model, family, lora, frozen), modules_to_save=save or None,
+        target_modules=lora_target_names(model, family, lora, frozen), modules_to_save=save or None,
         use_dora=train.method == "dora", task_type="CAUSAL_LM")
     return get_peft_model(model, peft_config)
 

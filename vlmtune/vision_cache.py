@@ -35,39 +35,27 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from vlmtune.data.collate import hash_images
 from vlmtune.errors import ConfigError
+from vlmtune.fileio import atomic_write_bytes, dump_tensors, human_bytes, parse_tensors
+from vlmtune.models import FAMILIES
 
-SUPPORTED = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 FROZEN_PARTS = ("vision", "projector")
 _DROPOUT_ATTRS = ("dropout", "attention_dropout", "hidden_dropout", "dropout_p", "attn_drop")
-
-
-def hash_images(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
-    """One 128-bit key per image, as an int64 tensor [n_images, 2]: a hash of the image's rows of
-    `pixel_values` (grid t*h*w rows each, in order), their dtype and shape, and its grid."""
-    pixels = pixel_values.detach().cpu().contiguous()
-    keys, start = [], 0
-    for grid in image_grid_thw.detach().cpu().tolist():
-        rows = grid[0] * grid[1] * grid[2]
-        h = hashlib.sha256()
-        h.update(f"{pixels.dtype}|{tuple(pixels.shape[1:])}|{grid};".encode())
-        h.update(pixels[start: start + rows].reshape(-1).view(torch.uint8).numpy().data)
-        keys.append(torch.frombuffer(bytearray(h.digest()[:16]), dtype=torch.int64))
-        start += rows
-    return torch.stack(keys) if keys else torch.zeros(0, 2, dtype=torch.int64)
 
 
 def check_config(config, family) -> None:
     """Refuse `train.cache_vision_features` before any weights load when the config rules it out.
 
     Raises:
-        ConfigError: an unsupported family, or the vision tower or projector set to train.
+        ConfigError: a family whose model cannot take cached features, or the vision tower or projector set to train.
     """
     t = config.train
     if not t.cache_vision_features:
         return
-    if family.name not in SUPPORTED:
-        raise ConfigError(f"train.cache_vision_features=true works for {', '.join(SUPPORTED)}; this model is "
+    if not family.vision_cache:
+        supported = ", ".join(name for name, f in FAMILIES.items() if f.vision_cache)
+        raise ConfigError(f"train.cache_vision_features=true works for {supported}; this model is "
                           f"{family.name}. Set train.cache_vision_features=false.")
     training = [flag for flag, frozen in (("train.freeze_vision", t.freeze_vision),
                                           ("train.freeze_projector", t.freeze_projector)) if not frozen]
@@ -170,8 +158,6 @@ class VisionFeatureCache:
             return entry
         if self.folder is None:
             return None
-        from vlmtune.data.encode_cache import parse_tensors
-
         path = self.folder / f"{key}.safetensors"
         try:
             tensors = parse_tensors(path.read_bytes(), key)
@@ -188,11 +174,9 @@ class VisionFeatureCache:
     def _store(self, key: str, entry: tuple[torch.Tensor, ...]) -> None:
         self._remember(key, entry)
         if self.folder is not None:
-            from vlmtune.data.encode_cache import dump_tensors, write_atomic
-
             tensors = {"features": entry[0], **{f"deepstack.{i}": t for i, t in enumerate(entry[1:])}}
             try:
-                write_atomic(self.folder / f"{key}.safetensors", dump_tensors(tensors, key))
+                atomic_write_bytes(self.folder / f"{key}.safetensors", dump_tensors(tensors, key))
             except OSError as e:  # a full disk costs the disk copy, not the run
                 warnings.warn(f"cannot write vision features to {self.folder} ({e}); keeping them in memory only",
                               stacklevel=2)
@@ -258,19 +242,11 @@ class VisionFeatureCache:
         self.computed += len(missing)
 
     def summary(self) -> str:
-        per = f", {_size(self.bytes / len(self.memory))} per image" if self.memory else ""
+        per = f", {human_bytes(self.bytes / len(self.memory))} per image" if self.memory else ""
         disk = f"; also on disk in {self.folder}" if self.folder is not None else ""
-        return (f"vision feature cache: {len(self.memory)} images, {_size(self.bytes)} in memory (limit "
-                f"{_size(self.max_bytes)}{per}); {self.computed} computed, {self.hits} reused, "
+        return (f"vision feature cache: {len(self.memory)} images, {human_bytes(self.bytes)} in memory (limit "
+                f"{human_bytes(self.max_bytes)}{per}); {self.computed} computed, {self.hits} reused, "
                 f"{self.evicted} dropped by the limit{disk}")
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
 
 
 class VisionCacheReport(TrainerCallback):

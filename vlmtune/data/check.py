@@ -10,7 +10,6 @@ training goes on without them, otherwise training stops before it starts.
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +18,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from vlmtune.data.sample import IMAGE, DataError, Sample
-from vlmtune.errors import VlmtuneError
+from vlmtune.data.sample import IMAGE, Sample
+from vlmtune.errors import DataError, VlmtuneError
+from vlmtune.fileio import atomic_write_text
 
 MAX_LISTED = 20
 
@@ -120,17 +120,13 @@ def write_rejected(samples: list[Sample], report: CheckReport, path: Path) -> Pa
     reasons: dict[int, list[str]] = {}
     for p in report.problems:
         reasons.setdefault(p.index, []).append(p.message)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # One temporary file per process: under torchrun every rank runs the check and writes this same
-    # file, and a shared temporary name makes the second rename fail.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for i in sorted(reasons):
-            s = samples[i]
-            f.write(json.dumps({"source": s.source, "id": s.id, "problems": reasons[i], "images": s.images,
-                                "turns": [{"role": t.role, "text": t.text} for t in s.turns]}, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-    return path
+    lines = []
+    for i in sorted(reasons):
+        s = samples[i]
+        lines.append(json.dumps({"source": s.source, "id": s.id, "problems": reasons[i], "images": s.images,
+                                 "turns": [{"role": t.role, "text": t.text} for t in s.turns]}, ensure_ascii=False) + "\n")
+    # under torchrun every rank runs the check and writes this same file: each through its own temporary name
+    return atomic_write_text(path, "".join(lines))
 
 
 def apply_policy(samples: list[Sample], report: CheckReport, policy: str, rejected_path: Path) -> list[Sample]:

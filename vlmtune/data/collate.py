@@ -7,6 +7,8 @@ pixels, not the whole dataset's.
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 from torch.utils.data import Dataset, Sampler
 from transformers.trainer_pt_utils import get_length_grouped_indices
@@ -14,7 +16,24 @@ from transformers.trainer_pt_utils import get_length_grouped_indices
 from vlmtune.data.encode import IGNORE_INDEX, TOKEN_KEYS, Encoder
 from vlmtune.data.encode_cache import EncodeCache
 from vlmtune.data.sample import Sample
-from vlmtune.vision_cache import hash_images
+
+
+def hash_images(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
+    """One 128-bit key per image, as an int64 tensor [n_images, 2]: a hash of the image's rows of
+    `pixel_values` (grid t*h*w rows each, in order), their dtype and shape, and its grid.
+
+    The vision feature cache (`vlmtune.vision_cache`) stores features under these keys; they are
+    computed here so that the DataLoader workers do the hashing, not the training loop."""
+    pixels = pixel_values.detach().cpu().contiguous()
+    keys, start = [], 0
+    for grid in image_grid_thw.detach().cpu().tolist():
+        rows = grid[0] * grid[1] * grid[2]
+        h = hashlib.sha256()
+        h.update(f"{pixels.dtype}|{tuple(pixels.shape[1:])}|{grid};".encode())
+        h.update(pixels[start: start + rows].reshape(-1).view(torch.uint8).numpy().data)
+        keys.append(torch.frombuffer(bytearray(h.digest()[:16]), dtype=torch.int64))
+        start += rows
+    return torch.stack(keys) if keys else torch.zeros(0, 2, dtype=torch.int64)
 
 
 class EncodedDataset(Dataset):

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from vlmtune.data.sample import IMAGE, DataError, Sample
+from vlmtune.data.sample import IMAGE, Sample
+from vlmtune.errors import DataError
 from vlmtune.models.family import Family
 
 IGNORE_INDEX = -100

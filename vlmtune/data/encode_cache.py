@@ -25,19 +25,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
 import warnings
-import zlib
 from importlib import metadata
 from pathlib import Path
 
 import torch
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
 from vlmtune.data.sample import Sample
 from vlmtune.errors import VlmtuneError
+from vlmtune.fileio import atomic_write_bytes, dump_tensors, parse_tensors
 
 # Bump when `Encoder` produces different tensors for the same inputs and settings.
 CACHE_VERSION = 2
@@ -78,8 +74,7 @@ def encoder_description(encoder) -> dict:
     }
 
 
-# Keys use SHA-256 (a collision would serve another sample's tensors; CPUs hash it in hardware),
-# entry checksums CRC-32 (they only catch damage, and 4x faster to check on every read).
+# Keys use SHA-256: a collision would serve another sample's tensors (CPUs hash it in hardware).
 def _digest(*parts: bytes) -> str:
     h = hashlib.sha256()
     for part in parts:
@@ -94,53 +89,6 @@ def file_digest(path: str) -> bytes:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.digest()
-
-
-def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
-    """A CRC-32 of names, dtypes, shapes and bytes, in key order."""
-    crc = 0
-    for name, value in tensors.items():
-        crc = zlib.crc32(f"{name}|{value.dtype}|{tuple(value.shape)};".encode(), crc)
-        crc = zlib.crc32(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data, crc)
-    return f"{crc:08x}"
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """`data` at `path`, all or nothing: written to a unique temporary file beside it, then renamed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the entries from other users sharing the folder
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def dump_tensors(tensors: dict[str, torch.Tensor], key: str, source: str = "") -> bytes:
-    """A safetensors file holding `tensors`, their order, `key` and a checksum (see `parse_tensors`)."""
-    meta = {"version": str(CACHE_VERSION), "key": key, "source": source, "order": json.dumps(list(tensors)),
-            "checksum": tensors_checksum(tensors)}
-    return save_safetensors({k: v.contiguous() for k, v in tensors.items()}, metadata=meta)
-
-
-def parse_tensors(data: bytes, key: str) -> dict[str, torch.Tensor]:
-    """The tensors of a `dump_tensors` file, in their original order.
-
-    Raises:
-        Exception: a partial or damaged file (truncated header or data, wrong key, checksum mismatch).
-    """
-    header_len = int.from_bytes(data[:8], "little")
-    meta = json.loads(data[8: 8 + header_len]).get("__metadata__") or {}
-    if meta.get("key") != key or meta.get("version") != str(CACHE_VERSION):
-        raise ValueError(f"the entry is for key {meta.get('key')}, version {meta.get('version')}")
-    loaded = load_safetensors(data)
-    tensors = {name: loaded[name] for name in json.loads(meta["order"])}
-    if tensors_checksum(tensors) != meta["checksum"]:
-        raise ValueError("checksum mismatch")
-    return tensors
 
 
 class EncodeCache:
@@ -160,7 +108,7 @@ class EncodeCache:
         about = self.folder / "fingerprint.json"
         if not about.is_file():
             try:
-                write_atomic(about, json.dumps(description, indent=1, sort_keys=True).encode())
+                atomic_write_bytes(about, json.dumps(description, indent=1, sort_keys=True).encode())
             except OSError as e:
                 raise VlmtuneError(f"data.cache_dir={root}: cannot write there ({e}); choose a writable folder "
                                    "or leave data.cache_dir unset") from None
@@ -192,7 +140,7 @@ class EncodeCache:
 
     def store(self, key: str, tensors: dict[str, torch.Tensor], source: str = "") -> None:
         try:
-            write_atomic(self.path(key), dump_tensors(tensors, key, source))
+            atomic_write_bytes(self.path(key), dump_tensors(tensors, key, source))
         except OSError as e:
             # The cache only saves time: a full or read-only disk must not stop training.
             if not self._write_failed:
@@ -215,8 +163,3 @@ class EncodeCache:
         tensors = fresh(sample)
         self.store(key, tensors, sample.source)
         return tensors
-
-
-def disk_bytes(root: str | Path) -> int:
-    """Bytes used by the files under `root` (temporary files of interrupted writes included)."""
-    return sum(f.stat().st_size for f in Path(root).rglob("*") if f.is_file())

@@ -18,11 +18,12 @@ import io
 import json
 import os
 import sys
-import tempfile
 
 from vlmtune.data.readers import detect_format, read_record
-from vlmtune.data.sample import DataError, Sample
+from vlmtune.data.sample import Sample
 from vlmtune.data.writers import WRITERS, to_flat
+from vlmtune.errors import DataError
+from vlmtune.fileio import atomic_write_text
 
 __all__ = ["FORMATS", "detect_format", "load_samples", "read_dataset", "write_samples"]
 
@@ -155,24 +156,6 @@ def _csv_text(rows: list[dict]) -> str:
     return buffer.getvalue()
 
 
-def _write_atomically(path: str, text: str) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it a normal file's mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_samples(samples: list[Sample], path: str | os.PathLike, format: str, *,
                   absolute_paths: bool = False) -> None:
     """Write samples to a .json, .jsonl or .csv file in `format`, atomically.
@@ -212,4 +195,4 @@ def write_samples(samples: list[Sample], path: str | os.PathLike, format: str, *
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     else:
         text = json.dumps(records, ensure_ascii=False, indent=2) + "\n"
-    _write_atomically(path, text)
+    atomic_write_text(path, text)

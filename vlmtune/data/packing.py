@@ -36,11 +36,9 @@ from torch.utils.data import Dataset
 
 from vlmtune.data.collate import EncodedDataset
 from vlmtune.data.encode import IGNORE_INDEX, TOKEN_KEYS
-from vlmtune.data.sample import DataError
-from vlmtune.errors import ConfigError
+from vlmtune.errors import ConfigError, DataError
+from vlmtune.models import FAMILIES
 
-# Families whose models take 4-row (text + M-RoPE) position ids and build the packed mask from row 0.
-PACKABLE_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 # Attention implementations that keep packed samples apart in transformers 5.23: eager and sdpa
 # through the packed-sequence mask (tested on CPU), flash-attention 2 through its varlen kernel.
 # Others are refused: the Qwen-VL models do not take flex_attention, and paged or hub kernels
@@ -49,11 +47,13 @@ ISOLATING_ATTENTION = ("eager", "sdpa", "flash_attention_2")
 
 
 def check_packable(family_name: str) -> None:
-    """Raises ConfigError when the family cannot be trained with `data.packing`."""
-    if family_name not in PACKABLE_FAMILIES:
+    """Raises ConfigError when the family cannot be trained with `data.packing` (`Family.packable`)."""
+    family = FAMILIES.get(family_name)
+    if family is None or not family.packable:
+        packable = ", ".join(name for name, f in FAMILIES.items() if f.packable)
         raise ConfigError(
             f"data.packing=true is not supported for the {family_name} model family: vlmtune can keep packed "
-            f"samples apart only for {', '.join(PACKABLE_FAMILIES)} (their position ids mark where each sample "
+            f"samples apart only for {packable} (their position ids mark where each sample "
             "starts). Set data.packing=false; data.group_by_length=true still keeps padding low.")
 
 

@@ -5,7 +5,7 @@
     vlmtune data prepare --recipe latex-ocr --local LaTeX_OCR/train.parquet --out data/latex_ocr
     vlmtune data prepare --dataset ID --image-column image --text-column text --out DIR
 
-This is the seeds' data2csv.py + csv2json.py: read the split's records in order (the first
+This is the tutorials' data2csv.py + csv2json.py: read the split's records in order (the first
 --limit samples), save every image once under OUT/images/, write OUT/train.json and OUT/val.json
 (--val images drawn with --seed by `vlmtune.data.split`, the rule `vlmtune data split` uses, so the
 captions of one image are all in train or all in val) in the chosen format, and record the
@@ -40,9 +40,9 @@ from tqdm import tqdm
 from vlmtune.data.formats import write_samples
 from vlmtune.data.readers import is_url
 from vlmtune.data.recipes import PrepareArgs, open_source, records, resolve_args
-from vlmtune.data.sample import IMAGE, DataError, Sample, Turn
+from vlmtune.data.sample import IMAGE, Sample, Turn
 from vlmtune.data.split import split_samples
-from vlmtune.errors import VlmtuneError
+from vlmtune.errors import DataError, VlmtuneError
 
 PREPARE_VERSION = 2  # bump when the output for the same arguments changes, so old folders are not reused
 SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "GIF": ".gif", "BMP": ".bmp", "WEBP": ".webp", "TIFF": ".tif"}
@@ -198,7 +198,7 @@ def collect_samples(args: PrepareArgs, ds, images: Path) -> tuple[list[Sample], 
                 break
     for number, sample in enumerate(samples, start=1):
         if sample.id is None:
-            sample.id = f"identity_{number}"  # the seeds' ids, in source order
+            sample.id = f"identity_{number}"  # the tutorials' ids, in source order
     return samples, skipped
 
 
@@ -292,11 +292,11 @@ def prepare_command(recipe: Literal["latex-ocr", "coco-caption"] | None = None, 
     else is refused. Nothing is left behind when it fails.
 
     Args:
-        recipe: A named dataset: latex-ocr (LaTeX_OCR formula images, seed 002) or coco-caption
-            (COCO 2014 captions, seed 003). Leave it out for the generic form (--dataset or --local
+        recipe: A named dataset: latex-ocr (LaTeX_OCR formula images, as the LaTeX OCR tutorials) or
+            coco-caption (COCO 2014 captions, as the COCO captions (Qwen2-VL) tutorial). Leave it out for the generic form (--dataset or --local
             with --image-column and --text-column).
         out: Output folder; must not exist, be empty, or hold this very dataset.
-        source: Hub to download from: modelscope (as the seeds; pip install 'vlmtune[modelscope]') or hf.
+        source: Hub to download from: modelscope (as the tutorials; pip install 'vlmtune[modelscope]') or hf.
         dataset: Hub dataset id (generic form, or another copy of a recipe's dataset).
         subset: Hub subset / config name (default: the recipe's).
         split: Split to read.
@@ -307,12 +307,12 @@ def prepare_command(recipe: Literal["latex-ocr", "coco-caption"] | None = None, 
             file, a folder of them, a `save_to_disk` folder, or an image folder with metadata.jsonl/csv.
         limit: Take only the first LIMIT samples (train + val) of the split (a record with a list of
             captions is kept whole).
-        val: Validation size in images: a count ("4", as the seeds) or a fraction ("0.1"); all
+        val: Validation size in images: a count ("4", as the tutorials) or a fraction ("0.1"); all
             captions of an image go to the same side.
         seed: Seed of the train/val draw (the same as `vlmtune data split`).
-        prompt: User prompt after the image placeholder (default: the recipe's seed prompt; none for
+        prompt: User prompt after the image placeholder (default: the recipe's tutorial prompt; none for
             the generic form). Use "" for none.
-        format: Training file format: minicpm (the seeds'), qwen, messages, llava or csv.
+        format: Training file format: minicpm (the MiniCPM tutorials'), qwen, messages, llava or csv.
     """
     args = resolve_args(recipe, source=source, dataset=dataset, subset=subset, split=split, image_column=image_column,
                         text_column=text_column, id_column=id_column, local=local, limit=limit, val=val, seed=seed,

@@ -19,7 +19,8 @@ from __future__ import annotations
 import os
 import re
 
-from vlmtune.data.sample import IMAGE, DataError, Sample, Turn
+from vlmtune.data.sample import IMAGE, Sample, Turn
+from vlmtune.errors import DataError
 
 ROLE_ALIASES = {
     "system": "system",
@@ -44,7 +45,7 @@ def is_url(path: str) -> bool:
 
 
 def is_bare_image_path(text: str) -> bool:
-    """True for a message that is nothing but an image path (seed 002's Qwen2-VL files)."""
+    """True for a message that is nothing but an image path (the LaTeX OCR (Qwen2-VL) tutorial's files)."""
     text = text.strip()
     return bool(text) and not any(c.isspace() for c in text) and text.lower().endswith(IMAGE_SUFFIXES)
 

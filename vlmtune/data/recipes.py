@@ -1,7 +1,7 @@
 """Where `vlmtune data prepare` reads records from: the named recipes, the hubs, local files.
 
 A recipe is plain data: the dataset id and subset on each hub, the image and text columns, the
-default prompt (the seed tutorials' prompts, verbatim) and, for datasets with several answers per
+default prompt (the tutorials' prompts, verbatim) and, for datasets with several answers per
 image, the column naming the image (kept in each sample's `meta`). Every field can be overridden
 on the command line (`--dataset`, `--subset`, `--image-column`, ...), so a recipe is only a set
 of defaults, and the generic form (`--dataset ID --image-column C --text-column C`) is a recipe
@@ -9,7 +9,7 @@ with none. `resolve_args` turns a recipe plus the command line into `PrepareArgs
 of a prepared folder.
 
 `open_source` gives the records of Hugging Face (`datasets.load_dataset`, streamed, so --limit
-reads only what it needs), ModelScope (`MsDataset.load`, as the seeds call it) or local files
+reads only what it needs), ModelScope (`MsDataset.load`, as the tutorials call it) or local files
 (the `datasets` local loaders), with image columns left undecoded: {"bytes", "path"}. Before a
 hub library is called, the hub (or the proxy in front of it) is probed with a 3-second connect:
 offline, the libraries' own retries take half a minute or more, and the answer to "no network"
@@ -27,10 +27,9 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlparse
 
-from vlmtune.data.sample import DataError
 from vlmtune.data.split import parse_val
 from vlmtune.data.synth import CAPTION_PROMPT, LATEX_PROMPT
-from vlmtune.errors import VlmtuneError
+from vlmtune.errors import DataError, VlmtuneError
 
 
 @dataclass(frozen=True)
@@ -44,10 +43,10 @@ class Recipe:
 
 
 RECIPES: dict[str, Recipe] = {
-    # seed 002: a formula image and its LaTeX source.
+    # LaTeX OCR: a formula image and its LaTeX source.
     "latex-ocr": Recipe(modelscope=("AI-ModelScope/LaTeX_OCR", "default"), hf=("linxy/LaTeX_OCR", "default"),
                         image_column="image", text_column="text", prompt=LATEX_PROMPT),
-    # seed 003: COCO 2014 captions, about five rows (one per caption) for each image_id; copies that hold
+    # COCO captions: COCO 2014 captions, about five rows (one per caption) for each image_id; copies that hold
     # a list of captions per image work too (one sample per caption either way).
     "coco-caption": Recipe(modelscope=("modelscope/coco_2014_caption", "coco_2014_caption"), hf=None,
                            image_column="image", text_column="caption", prompt=CAPTION_PROMPT,
@@ -182,7 +181,7 @@ def _open_modelscope(args: PrepareArgs):
     except ImportError:
         raise VlmtuneError("--source modelscope needs the modelscope package: pip install 'vlmtune[modelscope]' "
                            "(or use --source hf, or --local PATH for files you already have)") from None
-    ds = MsDataset.load(args.dataset, subset_name=args.subset, split=args.split)  # as the seeds call it
+    ds = MsDataset.load(args.dataset, subset_name=args.subset, split=args.split)  # as the tutorials call it
     return ds.to_hf_dataset() if hasattr(ds, "to_hf_dataset") else ds
 
 

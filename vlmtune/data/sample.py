@@ -10,14 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vlmtune.errors import VlmtuneError
-
 IMAGE = "<image>"
 ROLES = ("system", "user", "assistant")
-
-
-class DataError(VlmtuneError):
-    """Bad input data. The message names the file, the record and what to do."""
 
 
 @dataclass

@@ -20,8 +20,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from vlmtune.data.sample import IMAGE, DataError, Sample
-from vlmtune.errors import VlmtuneError
+from vlmtune.data.sample import IMAGE, Sample
+from vlmtune.errors import DataError, VlmtuneError
 
 PERCENTILES = (50, 90, 95, 99)
 

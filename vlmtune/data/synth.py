@@ -3,7 +3,7 @@
 Run it as `vlmtune data synth latex DIR --n 200` or `vlmtune data synth caption DIR --n 200`.
 
 Both write `DIR/images/*.png`, `DIR/train.json` and `DIR/val.json` in the MiniCPM format of the
-seed tutorials, with image paths relative to DIR:
+tutorials, with image paths relative to DIR:
 
     [{"id": "identity_1", "image": "images/000001.png",
       "conversations": [{"role": "user", "content": "<image>\\nPROMPT"},
@@ -32,8 +32,8 @@ from tqdm import tqdm
 from vlmtune.data.sample import IMAGE
 from vlmtune.errors import VlmtuneError
 
-LATEX_PROMPT = "你是一个LaText OCR助手,目标是读取用户输入的照片，转换成LaTex公式。"  # seed 002, verbatim
-CAPTION_PROMPT = "COCO Yes:"  # seed 003
+LATEX_PROMPT = "你是一个LaText OCR助手,目标是读取用户输入的照片，转换成LaTex公式。"  # LaTeX OCR (Qwen2-VL), verbatim
+CAPTION_PROMPT = "COCO Yes:"  # COCO captions (Qwen2-VL)
 SYNTH_VERSION = 1  # bump when a generator changes its output, so old folders are not reused
 SPLITS = {"train": 0, "val": 1}
 
@@ -339,7 +339,7 @@ def synth_command(kind: Literal["latex", "caption"], *, out: str, n: int = 200, 
         seed: Random seed; each sample has its own stream derived from (seed, split, index).
         shapes: caption only: shapes per image, 1-3 (1 is what a tiny model learns in minutes).
         size: caption only: image side in pixels.
-        prompt: User prompt after the image placeholder; default is the seed tutorials' prompt
+        prompt: User prompt after the image placeholder; default is the tutorials' prompt
             (the Qwen2-VL LaTeX OCR prompt for latex, "COCO Yes:" for caption).
     """
     out_dir = Path(out)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 
 from vlmtune.data.readers import is_url
-from vlmtune.data.sample import IMAGE, DataError, Sample
+from vlmtune.data.sample import IMAGE, Sample
+from vlmtune.errors import DataError
 
 LLAVA_ROLES = {"system": "system", "user": "human", "assistant": "gpt"}
 

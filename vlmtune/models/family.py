@@ -1,7 +1,9 @@
 """What vlmtune needs to know about a model family, as plain data.
 
 Each family file (`qwen2_vl.py`, ...) holds one `Family`: where its vision tower, projector and
-language model live in the parameter names, the default LoRA targets, and processor settings.
+language model live in the parameter names, the default LoRA targets, processor settings, and
+what the family can do (packing, cached vision features, memory planning). Other modules ask the
+family (`family.packable`), never its name, so a new family is added in `models/` alone.
 The family of a checkpoint is read from `config.json`'s `model_type`, never from its path.
 """
 
@@ -13,9 +15,31 @@ from pathlib import Path
 
 from vlmtune.errors import VlmtuneError
 
-# LoRA on the language model's attention and MLP projections (the seeds' list), but only inside
+# LoRA on the language model's attention and MLP projections (the tutorials' list), but only inside
 # the language model: Qwen2.5-VL's vision blocks also have gate/up/down_proj.
 LLM_LINEAR_REGEX = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+@dataclass(frozen=True)
+class VisionBlock:
+    """One block of a vision tower as `vlmtune plan` counts its memory (names relative to the block)."""
+
+    prefix: str  # name of block 0, e.g. "model.visual.blocks.0"
+    roles: tuple[tuple[str, tuple[str, ...]], ...]  # ("qkv" | "o" | "up" | "down", its linear layers)
+    norms: tuple[str, str]  # the two norms of the block
+    fused_qkv: bool  # one qkv projection, whose whole output stays alive while v is needed
+    gated_mlp: bool  # SwiGLU (gate, up, down) rather than fc1 -> act -> fc2
+    rms_norm: bool  # RMSNorm computed in fp32, rather than LayerNorm
+    act_saves: int  # tensors of MLP width the activation keeps for backward: silu/gelu 1, quick_gelu 2
+
+
+@dataclass(frozen=True)
+class PlanGeometry:
+    """What `vlmtune plan` needs to know of a family beyond the sizes in its config.json."""
+
+    images: str  # "qwen": dynamic resolution under a pixel budget, merged patches; "minicpm": fixed-size slices
+    vision: VisionBlock
+    qk_norm: bool = False  # the language model normalises each head of q and k (Qwen3)
 
 
 @dataclass(frozen=True)
@@ -31,7 +55,17 @@ class Family:
     # Image tensors are concatenated along dim 0 across segments and batch rows, except those named
     # here: MiniCPM-V 4.x packs every patch of a batch into one [1, C, patch, L] row, joined along L.
     concat_dims: tuple[tuple[str, int], ...] = ()
-    native: bool = False  # vlmtune's own model and processor classes load it, not transformers' Auto classes
+    # vlmtune's own model and processor classes (`models/minicpmv/`) load it, not transformers' Auto classes
+    own_implementation: bool = False
+    # data.packing: the model takes 4-row (text + M-RoPE) position ids and builds the packed mask from row 0
+    packable: bool = False
+    # train.cache_vision_features: the model's forward takes mm_encoder_outputs={"image": ...} instead of pixels
+    vision_cache: bool = False
+    plan: PlanGeometry | None = None  # `vlmtune plan`'s memory formulas for it; None: it has none
+    # While the vision tower trains, a text-only batch still runs it (its output times zero), so under DDP
+    # every trainable vision parameter gets a gradient on every rank. Without it, a rank that draws only
+    # text-only batches leaves those parameters without one.
+    dummy_vision_pass: bool = False
 
     def concat_dim(self, key: str) -> int:
         return dict(self.concat_dims).get(key, 0)

@@ -122,7 +122,7 @@ def load_processor(path: Path, family: Family, min_pixels: int | None = None, ma
         min_pixels, max_pixels: per-image pixel budget (Qwen families).
         max_slice_nums: most slices per image (MiniCPM-V 2.x); None keeps the checkpoint's.
     """
-    if family.native:  # vlmtune's own processor reads the folder as data; its Python files never run
+    if family.own_implementation:  # vlmtune's own processor reads the folder as data; its Python files never run
         from vlmtune.models.minicpmv.processing import load_minicpm_processor
 
         return load_minicpm_processor(path, max_slice_nums=max_slice_nums)
@@ -143,7 +143,7 @@ def load_processor(path: Path, family: Family, min_pixels: int | None = None, ma
 
 def model_class(path: Path, family: Family) -> type:
     """The class `load_model` loads `path` with (read from config.json, nothing imported from the folder)."""
-    if family.native:
+    if family.own_implementation:
         from vlmtune.models.minicpmv.modeling import MiniCPMVForConditionalGeneration
 
         return MiniCPMVForConditionalGeneration
@@ -161,14 +161,14 @@ def model_class(path: Path, family: Family) -> type:
 def load_model(path: Path, dtype: torch.dtype, quantization: str | None = None, trust_remote_code: bool = False,
                attn_implementation: str | None = None, device_map=None):
     """The model in `path`: an `AutoModelForImageTextToText`, or vlmtune's own class for the families
-    it implements natively (MiniCPM-V 2.x), whatever Python files the folder holds.
+    it implements itself (MiniCPM-V 2.x), whatever Python files the folder holds.
 
     Args:
         quantization: None, "4bit" or "8bit" (QLoRA, through bitsandbytes on a CUDA device).
     """
     from transformers import AutoModelForImageTextToText
 
-    if family_for(path).native:
+    if family_for(path).own_implementation:
         from vlmtune.models.minicpmv.modeling import MiniCPMVForConditionalGeneration as model_class
         kwargs: dict = {"dtype": dtype}
     else:

@@ -4,7 +4,7 @@ The vision blocks share projection names with the language model, which is why t
 LoRA regex is anchored on `language_model`.
 """
 
-from vlmtune.models.family import Family
+from vlmtune.models.family import Family, PlanGeometry, VisionBlock
 
 FAMILY = Family(
     name="qwen2_5_vl",
@@ -14,4 +14,10 @@ FAMILY = Family(
     end_of_turn="<|im_end|>",
     patch_factor=28,
     pixel_budget=True,
+    packable=True,
+    vision_cache=True,
+    plan=PlanGeometry(images="qwen", vision=VisionBlock(  # vision blocks: RMSNorm, SwiGLU
+        prefix="model.visual.blocks.0", norms=("norm1", "norm2"), fused_qkv=True, gated_mlp=True, rms_norm=True,
+        act_saves=1, roles=(("qkv", ("attn.qkv",)), ("o", ("attn.proj",)), ("up", ("mlp.gate_proj", "mlp.up_proj")),
+                            ("down", ("mlp.down_proj",))))),
 )

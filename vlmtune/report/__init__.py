@@ -14,10 +14,9 @@ Parts a run does not have yet are left out.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
+from vlmtune.fileio import atomic_write_text
 from vlmtune.report.page import render
 from vlmtune.report.plots import curves
 from vlmtune.report.run import read_run
@@ -33,18 +32,8 @@ def build_report(run: str | Path) -> Path:
     """
     data = read_run(run)
     page = render(data, curves(data.metrics))
-    path = data.folder / REPORT_NAME
-    # temp file + rename: a browser (or a sync job) reloading the report never sees half a page
-    fd, tmp = tempfile.mkstemp(dir=data.folder, prefix=".report-", suffix=".html.tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(page)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    # atomic: a browser (or a sync job) reloading the report never sees half a page; 0644: it is meant to be shared
+    return atomic_write_text(data.folder / REPORT_NAME, page, mode=0o644)
 
 
 def report_command(run: str) -> int:

@@ -31,8 +31,7 @@ Step 2, the frame:
 
 from __future__ import annotations
 
-from vlmtune.data.sample import DataError
-from vlmtune.errors import VlmtuneError
+from vlmtune.errors import DataError, VlmtuneError
 
 IMAGE_TAG = "(<image>./</image>)"  # what `chat()` writes for an image; the processor expands it
 

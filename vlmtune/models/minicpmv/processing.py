@@ -309,7 +309,7 @@ def load_minicpm_processor(folder: str | Path, max_slice_nums: int | None = None
 
     Args:
         folder: the checkpoint folder (or a LoRA checkpoint folder holding the processor files).
-        max_slice_nums: overrides the folder's value (the seeds' `max_slice_nums`).
+        max_slice_nums: overrides the folder's value (the tutorials' `max_slice_nums`).
 
     Raises:
         VlmtuneError: missing tokenizer, disagreeing settings, unsupported version, missing tokens.

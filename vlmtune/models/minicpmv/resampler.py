@@ -107,13 +107,6 @@ class Resampler(nn.Module):
             self.register_buffer("pos_embed", sincos_2d(embed_dim, grid, grid), persistent=True)
         self._pos_cache: dict[tuple[int, int], torch.Tensor] = {}
 
-    def reset_constants(self) -> None:
-        """Recompute the sin-cos constants (after the module was built on the meta device)."""
-        self._pos_cache.clear()
-        if self.query_grid is not None:
-            with torch.no_grad():
-                self.pos_embed.copy_(sincos_2d(self.embed_dim, self.query_grid, self.query_grid))
-
     def _grid_embed(self, rows: int, cols: int) -> torch.Tensor:
         key = (rows, cols)
         if key not in self._pos_cache:

@@ -3,7 +3,7 @@
     processor = build_tiny_processor("minicpmv2_6")
     processor.save_pretrained(out)        # preprocessor_config.json, tokenizer.json, tokenizer_config.json
 
-The tokenizer is the byte-level BPE of `vlmtune.models.tiny.build_tokenizer`, trained on the spot,
+The tokenizer is the byte-level BPE of `vlmtune.models.bpe.build_tokenizer`, trained on the spot,
 with each version's special tokens in the official order (2.0: `<unk>`=0, `<s>`=1, `</s>`=2 as in
 the MiniCPM vocabulary, which the official code relies on: it strips id 0 as padding). Images are
 sliced with small settings (scale_resolution 28 px, patch 14, 4 query tokens, at most 4 slices)
@@ -75,7 +75,7 @@ VARIANTS: dict[str, TinyVariant] = {
 
 def build_tiny_tokenizer(variant: str):
     """A small byte-level BPE tokenizer with `variant`'s special tokens (see `VARIANTS`)."""
-    from vlmtune.models.tiny import build_tokenizer
+    from vlmtune.models.bpe import build_tokenizer
 
     spec = _variant(variant)
     tokenizer = build_tokenizer(spec.special_tokens, pad_token=spec.pad_token, eos_token=spec.eos_token)

@@ -6,12 +6,14 @@ vision tower, projector, language model) and the exact modules that LoRA targeti
 (`vlmtune.tuning`'s own functions run on it). The dimensions that drive activation memory
 (hidden sizes, layers, heads, patch and merge sizes) come from the config.
 
+What differs by family (the layout of a vision block, how images become patches) is the family's
+`plan` geometry (`vlmtune.models.family.PlanGeometry`); a family without one has no formulas here.
 Two ways to build the meta model:
 - families transformers ships (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): `AutoModelForImageTextToText`
   from the config, as `vlmtune train` would load it;
-- MiniCPM-V 2.0 / 2.6 / MiniCPM-o 2.6 (`model_type` minicpmv / minicpmo): vlmtune's own
-  implementation (`vlmtune.models.minicpmv`), with the official parameter names (`vpm.`, `resampler.`,
-  `llm.`); audio and TTS modules are not built, as vlmtune never loads them.
+- families vlmtune implements itself (MiniCPM-V 2.0 / 2.6 / MiniCPM-o 2.6): its own class
+  (`vlmtune.models.minicpmv`), with the official parameter names (`vpm.`, `resampler.`, `llm.`);
+  audio and TTS modules are not built, as vlmtune never loads them.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import torch
 from torch import nn
 
 from vlmtune.errors import VlmtuneError
-from vlmtune.models.family import Family
+from vlmtune.models import FAMILIES, family_for
+from vlmtune.models.family import Family, VisionBlock
 
 # Linear layers of one transformer block by role: "qkv" and "up" layers share their input (the
 # output of the block's first and second norm), "o" reads the attention output, "down" the MLP's
@@ -141,39 +144,31 @@ def _text_stack(c, prefix: str, qk_norm: bool = False) -> Stack:
                  qk_norm=qk_norm)
 
 
-def _qwen_vision_stack(model_type: str, v) -> Stack:
-    if model_type == "qwen2_vl":  # LayerNorm, fc1 -> quick_gelu -> fc2 (x and sigmoid(1.702x) are kept)
-        width, inter, gated, rms, saves = v.embed_dim, int(v.embed_dim * v.mlp_ratio), False, False, 2
-        roles = {"qkv": ("attn.qkv",), "o": ("attn.proj",), "up": ("mlp.fc1",), "down": ("mlp.fc2",)}
-    elif model_type == "qwen2_5_vl":  # RMSNorm, SwiGLU
-        width, inter, gated, rms, saves = v.hidden_size, v.intermediate_size, True, True, 1
-        roles = {"qkv": ("attn.qkv",), "o": ("attn.proj",), "up": ("mlp.gate_proj", "mlp.up_proj"),
-                 "down": ("mlp.down_proj",)}
-    else:  # qwen3_vl: LayerNorm, linear_fc1 -> gelu(tanh) -> linear_fc2
-        width, inter, gated, rms, saves = v.hidden_size, v.intermediate_size, False, False, 1
-        roles = {"qkv": ("attn.qkv",), "o": ("attn.proj",), "up": ("mlp.linear_fc1",), "down": ("mlp.linear_fc2",)}
-    return Stack(layers=v.depth, hidden=width, q_dim=width, kv_dim=width, heads=v.num_heads, intermediate=inter,
-                 gated_mlp=gated, rms_norm=rms, act_saves=saves, fused_qkv=True, block_prefix="model.visual.blocks.0",
-                 roles=roles, norms=("norm1", "norm2"))
+def _vision_stack(block: VisionBlock, layers: int, width: int, heads: int, intermediate: int) -> Stack:
+    return Stack(layers=layers, hidden=width, q_dim=width, kv_dim=width, heads=heads, intermediate=intermediate,
+                 gated_mlp=block.gated_mlp, rms_norm=block.rms_norm, act_saves=block.act_saves,
+                 fused_qkv=block.fused_qkv, block_prefix=block.prefix, roles=dict(block.roles), norms=block.norms)
 
 
-def _qwen_summary(path: Path, raw: dict) -> ArchitectureSummary:
+def _qwen_summary(path: Path, raw: dict, family: Family) -> ArchitectureSummary:
     from transformers import AutoConfig, AutoModelForImageTextToText
-
-    from vlmtune.models import family_for
 
     config = AutoConfig.from_pretrained(path)  # never trust_remote_code: these families ship with transformers
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(config)
-    text, vision = config.text_config, config.vision_config
+    text, v = config.text_config, config.vision_config
+    if getattr(v, "mlp_ratio", None):  # Qwen2-VL: the tower's width is embed_dim (its hidden_size is the LM's)
+        width, intermediate = v.embed_dim, int(v.embed_dim * v.mlp_ratio)
+    else:
+        width, intermediate = v.hidden_size, v.intermediate_size
     budget = _processor_budget(path)
-    image = ImageGeometry(kind="qwen", patch_size=vision.patch_size, merge=vision.spatial_merge_size, **budget)
+    image = ImageGeometry(kind=family.plan.images, patch_size=v.patch_size, merge=v.spatial_merge_size, **budget)
     return ArchitectureSummary(
-        model_type=raw["model_type"], family=family_for(path), model=model,
-        llm=_text_stack(text, "model.language_model.layers.0", qk_norm=raw["model_type"] == "qwen3_vl"),
-        vision=_qwen_vision_stack(raw["model_type"], vision),
+        model_type=raw["model_type"], family=family, model=model,
+        llm=_text_stack(text, "model.language_model.layers.0", qk_norm=family.plan.qk_norm),
+        vision=_vision_stack(family.plan.vision, v.depth, width, v.num_heads, intermediate),
         vocab=text.vocab_size, image=image, projector_kind="merger",
-        patch_values=3 * vision.temporal_patch_size * vision.patch_size ** 2)
+        patch_values=3 * v.temporal_patch_size * v.patch_size ** 2)
 
 
 def _processor_budget(path: Path) -> dict:
@@ -191,30 +186,19 @@ def _processor_budget(path: Path) -> dict:
     return {}
 
 
-def _minicpm_summary(raw: dict, where: Path) -> ArchitectureSummary:
+def _minicpm_summary(raw: dict, family: Family) -> ArchitectureSummary:
     """MiniCPM-V 2.0 / 2.6 / MiniCPM-o 2.6: vlmtune's own model class, built on the meta device."""
-    from vlmtune.models import family_for
     from vlmtune.models.minicpmv.modeling import MiniCPMVForConditionalGeneration, config_class_for
-    from vlmtune.models.minicpmv.version import MINICPMV2
 
-    family = family_for(where)  # also refuses MiniCPM versions vlmtune does not implement
     config = config_class_for(raw["model_type"])(**raw)
     with torch.device("meta"):
         model = MiniCPMVForConditionalGeneration(config)
     v = config.vision_settings()  # the tower as built (drop_vision_last_layer applied)
-    if family.name == MINICPMV2:  # timm ViT: fused qkv, norm1/norm2
-        layout = dict(fused_qkv=True, block_prefix="vpm.blocks.0", norms=("norm1", "norm2"),
-                      roles={"qkv": ("attn.qkv",), "o": ("attn.proj",), "up": ("mlp.fc1",), "down": ("mlp.fc2",)})
-    else:  # NaViT SigLIP
-        layout = dict(fused_qkv=False, block_prefix="vpm.encoder.layers.0", norms=("layer_norm1", "layer_norm2"),
-                      roles={"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-                             "o": ("self_attn.out_proj",), "up": ("mlp.fc1",), "down": ("mlp.fc2",)})
-    vision = Stack(layers=v["num_hidden_layers"], hidden=v["hidden_size"], q_dim=v["hidden_size"],
-                   kv_dim=v["hidden_size"], heads=v["num_attention_heads"], intermediate=v["intermediate_size"],
-                   gated_mlp=False, rms_norm=False, act_saves=1, **layout)
+    vision = _vision_stack(family.plan.vision, v["num_hidden_layers"], v["hidden_size"], v["num_attention_heads"],
+                           v["intermediate_size"])
     slices = raw.get("slice_config") or {}
     patch = slices.get("patch_size", raw.get("patch_size", 14))
-    image = ImageGeometry(kind="minicpm", patch_size=patch, query_num=raw.get("query_num", 64),
+    image = ImageGeometry(kind=family.plan.images, patch_size=patch, query_num=raw.get("query_num", 64),
                           max_slices=slices.get("max_slice_nums", raw.get("max_slice_nums", 9)),
                           scale_resolution=slices.get("scale_resolution", raw.get("scale_resolution",
                                                                                   raw.get("image_size", 448))))
@@ -224,26 +208,20 @@ def _minicpm_summary(raw: dict, where: Path) -> ArchitectureSummary:
         vision=vision, vocab=raw["vocab_size"], image=image, projector_kind="resampler", patch_values=3 * patch * patch)
 
 
-QWEN_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-MINICPM_TYPES = ("minicpmv", "minicpmo")
-
-
 def summarize(path: str | Path) -> ArchitectureSummary:
     """The `ArchitectureSummary` of the model whose `config.json` is in folder `path`.
 
     Raises:
-        VlmtuneError: no readable config.json, or a model type the planner has no formulas for.
+        VlmtuneError: no readable config.json, a text-only model or a MiniCPM-V version vlmtune does
+            not implement, or a family the planner has no formulas for.
     """
     path = Path(path)
     raw = _read_config(path)
-    model_type = raw.get("model_type")
-    if model_type in QWEN_TYPES:
-        return _qwen_summary(path, raw)
-    if model_type in MINICPM_TYPES:
-        return _minicpm_summary(raw, path)
-    from vlmtune.models import family_for
-
-    family_for(path)  # a text-only model is refused as such, not as a model without formulas
-    raise VlmtuneError(f"{path}/config.json: model_type {model_type!r}: `vlmtune plan` has memory formulas for "
-                       f"{', '.join(QWEN_TYPES + MINICPM_TYPES)} (MiniCPM-V 2.0 / 2.6, MiniCPM-o 2.6); not for "
-                       "this one yet")
+    family = family_for(path)
+    if family.plan is None:
+        planned = ", ".join(name for name, f in FAMILIES.items() if f.plan is not None)
+        raise VlmtuneError(f"{path}/config.json: model_type {raw.get('model_type')!r}: `vlmtune plan` has memory "
+                           f"formulas for the families {planned}; not for this one ({family.name}) yet")
+    if family.plan.images == "minicpm":
+        return _minicpm_summary(raw, family)
+    return _qwen_summary(path, raw, family)

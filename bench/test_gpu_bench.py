@@ -1,4 +1,5 @@
-"""bench/gpu.py runs: `--smoke` takes its code path end to end on CPU with tiny models (Qwen2-VL: seed
+"""Tests of the benchmark harness itself (they live beside it: the package's tests never import
+bench/). bench/gpu.py runs: `--smoke` takes its code path end to end on CPU with tiny models (Qwen2-VL: seed
 pipeline, vlmtune grouped and packed; MiniCPM-V 2.6: the official finetune data path and vlmtune;
 step meter, FLOPs, JSON), and without a CUDA device the real benchmark skips in one line with exit
 status 0, writing nothing. The real-size models are checked on the meta device (sizes, the weights the
@@ -10,11 +11,13 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ROOT, clean_env
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from conftest import ROOT, clean_env  # noqa: E402  (the tests' environment helpers)
 
 SCRIPT = ROOT / "bench" / "gpu.py"
 sys.path.insert(0, str(ROOT / "bench"))

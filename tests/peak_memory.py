@@ -1,6 +1,6 @@
 """Measure the peak tensor memory of one training step, on any device, CPU included.
 
-    from vlmtune.peak_memory import measure_training_peak
+    from peak_memory import measure_training_peak    # tests/ on sys.path, as in the tests
     peak = measure_training_peak(load_config("configs/demo.yaml", ["train.max_steps=3"]), step=2)
 
 `vlmtune plan` estimates the peak accelerator memory of a training step; this is what its estimate

@@ -10,7 +10,7 @@ Memory of a step = what lives across steps + what the step adds at its highest p
 Every term counts tensor bytes that the transformers 5 / peft / PyTorch code allocates, read op by
 op from that code (autograd's saved tensors, checked with `torch.autograd.graph.saved_tensors_hooks`);
 none is fitted to a measurement. The sums were then compared with measured CPU peaks
-(`vlmtune/peak_memory.py`; tests/test_plan.py, bench/plan_validation.py: within a few percent).
+(`tests/peak_memory.py`; tests/test_plan.py, bench/plan_validation.py: within a few percent).
 Notation: T tokens in the batch (batch_size x max_length: every sample padded to the longest one
 allowed), P vision positions (patches) in the batch, h hidden width, q and kv the query and
 key/value widths, i MLP width, V vocabulary, e bytes of an activation (2 for bf16/fp16, 4 for fp32),
@@ -93,7 +93,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vlmtune.models.summary import ArchitectureSummary, Stack
+from vlmtune.plan.summary import ArchitectureSummary, Stack
 
 GiB = 1024 ** 3
 F32 = 4
@@ -149,10 +149,10 @@ class Trainable:
     def of(cls, summary: ArchitectureSummary, train, lora) -> "Trainable":
         """From the run config's `train` and `lora` sections."""
         from vlmtune.errors import ConfigError
-        from vlmtune.tuning import PARTS, _frozen_parts, _lora_targets, whole_modules
+        from vlmtune.tuning import PARTS, frozen_parts, lora_target_names, whole_modules
 
         model, family = summary.model, summary.family
-        frozen = _frozen_parts(train)
+        frozen = frozen_parts(train)
         params = dict.fromkeys((*PARTS, "other"), 0)
         adapters = dict.fromkeys((*PARTS, "other"), 0)
         if train.method == "full":
@@ -163,7 +163,7 @@ class Trainable:
                 if family.part_of(name) not in frozen:
                     params[family.part_of(name)] += p.numel()
             return cls(train.method, family, frozen, set(), [], params, adapters, 0)
-        targets = set(_lora_targets(model, family, lora, frozen))
+        targets = set(lora_target_names(model, family, lora, frozen))
         saved = [n for n, _ in model.named_modules()  # peft matches modules_to_save by name suffix
                  if any(n == t or n.endswith("." + t) for t in lora.modules_to_save)]
         for part in ("vision", "projector"):
@@ -210,7 +210,7 @@ class Estimate:
 
     @property
     def tensors(self) -> int:
-        """The tensor peak: what `torch.cuda.max_memory_allocated()` (or vlmtune.peak_memory on CPU) reports."""
+        """The tensor peak: what `torch.cuda.max_memory_allocated()` (or tests/peak_memory.py on CPU) reports."""
         return self.weights + self.optimizer + self.gradients + self.activations + self.transient + self.batch
 
     @property

@@ -6,9 +6,12 @@
 
 Reads the run config and the model's config.json only (the model is built on the meta device:
 shapes, no storage), estimates the peak memory of a training step per device with
-`vlmtune.memory_estimate` (whose docstring states every formula and assumption), prints the
+`vlmtune.plan.estimate` (whose docstring states every formula and assumption), prints the
 components, says whether it fits `--device-memory`, and if not, which changes would make it fit,
 each with its own estimate. Exit status: 0 fits, 1 does not fit.
+
+The planner: this file (the command, the suggestions), `summary.py` (the model as its config.json
+describes it, built on the meta device), `estimate.py` (the memory formulas).
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ from typing import Literal
 
 from vlmtune.config import RunConfig, load_config
 from vlmtune.errors import ConfigError, VlmtuneError
-from vlmtune.memory_estimate import GiB, Estimate, Setup, Trainable, estimate
-from vlmtune.models.summary import ArchitectureSummary, summarize
+from vlmtune.plan.estimate import GiB, Estimate, Setup, Trainable, estimate
+from vlmtune.plan.summary import ArchitectureSummary, summarize
 
 
 @dataclasses.dataclass
