@@ -31,7 +31,8 @@ def samples(tmp_path_factory) -> list[Sample]:
 
 def a_stop(text: str) -> str:
     """Two characters from the second half of `text`, no whitespace in them."""
-    return next(text[i:i + 2] for i in range(len(text) // 2, len(text) - 1) if not any(c.isspace() for c in text[i:i + 2]))
+    return next(text[i:i + 2] for i in range(len(text) // 2, len(text) - 1)
+                if not any(c.isspace() for c in text[i:i + 2]))
 
 
 def test_limit_stop_strings_and_streamed_pieces(gen, samples):
@@ -53,7 +54,8 @@ def test_rows_of_one_batch_keep_their_own_limit_and_stops(gen, samples):
     model, encoder = gen.model, gen.variant().encoder
     alone = [complete(model, encoder, [s], LIMIT)[0] for s in samples]
     stop = a_stop(alone[1].text)
-    expected = [complete(model, encoder, samples[:1], 3)[0], complete(model, encoder, samples[1:], LIMIT, stop=[stop])[0]]
+    expected = [complete(model, encoder, samples[:1], 3)[0],
+                complete(model, encoder, samples[1:], LIMIT, stop=[stop])[0]]
     together = complete(model, encoder, samples, [3, LIMIT], stop=[[], [stop]])
     assert together == expected
     assert together[0].completion_tokens == 3 and together[1].finish_reason == "stop"
@@ -82,8 +84,12 @@ def test_chat_messages_read_like_the_messages_data_format(tmp_path, samples):
                 {"role": "user", "content": [{"type": "text", "text": "And "}, {"type": "text", "text": "now?"}]}]
     (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": messages}) + "\n")
     record = load_samples(tmp_path / "chat.jsonl")[0]
+    verbatim = chat_sample(messages, image_newline=False)
+    assert verbatim.images == record.images == [image]
+    assert verbatim.turns == [*record.turns, Turn("assistant", "")]
+    assert verbatim.turns[1].text == IMAGE + "What?" and verbatim.turns[3].text == "And now?"
+    assert verbatim.prompt_turns() == record.turns
+    # by default the question after an image starts on its own line, as `vlmtune chat` asks
     sample = chat_sample(messages)
-    assert sample.images == record.images == [image]
-    assert sample.turns == [*record.turns, Turn("assistant", "")]
-    assert sample.turns[1].text == IMAGE + "What?" and sample.turns[3].text == "And now?"
-    assert sample.prompt_turns() == record.turns
+    assert sample.images == [image] and sample.turns[1].text == IMAGE + "\nWhat?"
+    assert [t.text for t in sample.turns[2:]] == ["a red circle", "And now?", ""]

@@ -33,7 +33,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                         "vlmtune.runlock", "vlmtune.run_guard", "vlmtune.tracking", "vlmtune.callbacks")),
     ("training", ("vlmtune.train", "vlmtune.trainer")),
     ("commands", ("vlmtune.evaluate", "vlmtune.infer", "vlmtune.serve", "vlmtune.merge", "vlmtune.report",
-                  "vlmtune.plan", "vlmtune.demo")),
+                  "vlmtune.plan", "vlmtune.demo", "vlmtune.ui")),
     ("cli", ("vlmtune.cli",)),
 ]
 

@@ -30,6 +30,7 @@ from vlmtune.train import train
 KEY = "test-key"
 TOKENS = 6
 Q = "What is in the image?"
+ASKED = f"{IMAGE}\n{Q}"  # how the server reads [image, Q]: the question on its own line (--image-newline)
 
 
 def data_url(path) -> str:
@@ -82,7 +83,8 @@ def raw_request(port: int, method: str, path: str, body: bytes | None = None, he
 def setup(tmp_path_factory, tiny_qwen2_vl) -> dict:
     root = tmp_path_factory.mktemp("serve")
     data = write_json(root / "train.json", caption_records(4, root, "t"))
-    shapes = train_run(root, tiny_qwen2_vl, data, "shapes", "data.max_pixels=3136", "data.system_prompt=Answer briefly.")
+    shapes = train_run(root, tiny_qwen2_vl, data, "shapes", "data.max_pixels=3136",
+                       "data.system_prompt=Answer briefly.")
     other = train_run(root, tiny_qwen2_vl, data, "other", "train.learning_rate=0.03", "train.seed=7")
     images = {name: draw(root / "req" / f"{name}.png", colour, shape, size) for name, colour, shape, size in
               [("red", "red", "circle", (112, 112)), ("blue", "blue", "square", (84, 140)),
@@ -101,7 +103,8 @@ def setup(tmp_path_factory, tiny_qwen2_vl) -> dict:
 def local(setup):
     """Each served variant loaded in this process: model and its own run's encoder."""
     loaded = {}
-    for name, target in [("shapes", resolve_target(str(setup["shapes"]))), ("other", resolve_target(str(setup["other"])))]:
+    for name in ("shapes", "other"):
+        target = resolve_target(str(setup[name]))
         model, processor, family = load_target(target)
         loaded[name] = (model, make_encoder(target.config, processor, family))
     base_target = resolve_target(str(setup["shapes"])).base()
@@ -139,11 +142,12 @@ def test_text_only(setup, local):
 def test_one_and_two_images(setup, local):
     red, blue = setup["images"]["red"], setup["images"]["blue"]
     one = ask(setup, [image_part(red), {"type": "text", "text": Q}])
-    assert one.choices[0].message.content == expected(local, "shapes", [red], [Turn("user", IMAGE + Q)])
+    assert one.choices[0].message.content == expected(local, "shapes", [red], [Turn("user", ASKED)])
     two = ask(setup, [image_part(red), image_part(blue), {"type": "text", "text": Q}])
-    assert two.choices[0].message.content == expected(local, "shapes", [red, blue], [Turn("user", IMAGE * 2 + Q)])
+    both = Turn("user", IMAGE * 2 + "\n" + Q)
+    assert two.choices[0].message.content == expected(local, "shapes", [red, blue], [both])
     model, encoder = local["shapes"]
-    sample = Sample([red, blue], [Turn("user", IMAGE * 2 + Q), Turn("assistant", "")])
+    sample = Sample([red, blue], [both, Turn("assistant", "")])
     assert two.usage.prompt_tokens == len(encoder.encode_prompt(sample)["input_ids"])  # the run's 56x56 budget
     assert two.usage.prompt_tokens > one.usage.prompt_tokens
 
@@ -155,8 +159,24 @@ def test_multi_turn(setup, local):
                 {"role": "assistant", "content": first}, {"role": "user", "content": "And the colour?"}]
     reply = setup["client"].chat.completions.create(model="shapes", messages=messages, max_tokens=TOKENS,
                                                     temperature=0)
-    turns = [Turn("user", IMAGE + Q), Turn("assistant", first), Turn("user", "And the colour?")]
+    turns = [Turn("user", ASKED), Turn("assistant", first), Turn("user", "And the colour?")]
     assert reply.choices[0].message.content == expected(local, "shapes", [red], turns)
+
+
+def test_image_newline_off_joins_parts_as_they_are(setup, local):
+    from vlmtune.generation import load_generator
+    from vlmtune.serve.app import ServeOptions, prepare
+    from vlmtune.serve.requests import Limits
+
+    red = setup["images"]["red"]
+    content = [image_part(red), {"type": "text", "text": Q}]
+    body = {"model": "shapes", "messages": [{"role": "user", "content": content}]}
+    generator = load_generator(str(setup["shapes"]))
+    _, encoder = local["shapes"]
+    for image_newline, text in ((True, ASKED), (False, IMAGE + Q)):
+        prompt = prepare(generator, body, ServeOptions(Limits(), image_newline=image_newline)).prompt
+        sample = Sample([red], [Turn("user", text), Turn("assistant", "")])
+        assert prompt["input_ids"].tolist() == encoder.encode_prompt(sample)["input_ids"].tolist()
 
 
 def test_streaming_adds_up_to_the_answer(setup):
@@ -189,7 +209,7 @@ def test_base_and_two_adapters_chosen_by_model(setup, local):
     answers = {name: ask(setup, content, model=name) for name in ("base", "shapes", "other")}
     for name, reply in answers.items():
         assert reply.model == name
-        assert reply.choices[0].message.content == expected(local, name, [red], [Turn("user", IMAGE + Q)]), name
+        assert reply.choices[0].message.content == expected(local, name, [red], [Turn("user", ASKED)]), name
     assert len({r.choices[0].message.content for r in answers.values()}) == 3
     # each adapter keeps its own run's processor settings: `other` sees the image at 112x112
     assert answers["other"].usage.prompt_tokens > answers["shapes"].usage.prompt_tokens
@@ -220,15 +240,14 @@ def test_concurrent_requests_share_a_generate_call(setup):
 # -- serve == predict == eval ------------------------------------------------------------------
 
 def equality_data(folder: Path) -> tuple[str, list[str]]:
-    """Three pictures of different sizes asked the same question, in the `messages` format (the one
-    whose content parts an OpenAI request mirrors)."""
+    """Three pictures of different sizes asked the same question, as `vlmtune data prepare` writes
+    records (`<image>\\nquestion`, the layout the server reads an image part then a text part as)."""
     records, images = [], []
     for i, (colour, shape, size) in enumerate([("red", "circle", (112, 112)), ("blue", "square", (84, 140)),
                                                ("yellow", "triangle", (168, 56))]):
         images.append(draw(folder / "images" / f"{i}.png", colour, shape, size))
-        records.append({"messages": [
-            {"role": "user", "content": [{"type": "image", "image": f"images/{i}.png"}, {"type": "text", "text": Q}]},
-            {"role": "assistant", "content": f"a {colour} {shape}"}]})
+        records.append({"image": f"images/{i}.png", "conversations": [
+            {"role": "user", "content": ASKED}, {"role": "assistant", "content": f"a {colour} {shape}"}]})
     return write_json(folder / "eq.json", records), images
 
 
@@ -260,7 +279,7 @@ def check_serve_equals_predict_and_eval(run: Path, port: int, client, folder: Pa
     target = resolve_target(str(run))
     base = Path(target.config.model.name_or_path)
     family = family_for(base)
-    asked = [Sample([image], [Turn("user", IMAGE + Q), Turn("assistant", "")]) for image in images]
+    asked = [Sample([image], [Turn("user", ASKED), Turn("assistant", "")]) for image in images]
     run_encoder = make_encoder(target.config, load_processor(base, family, target.config.data.min_pixels,
                                                              target.config.data.max_pixels,
                                                              max_slice_nums=target.config.data.max_slice_nums), family)
@@ -322,12 +341,15 @@ def test_bad_image_urls(setup, url, code, words):
     assert e.status_code == 400 and e.code == code and words in e.message
 
 
-def test_too_many_images_and_too_large_an_image(setup):
+def test_too_many_images_too_large_an_image_and_one_the_processor_refuses(setup):
     red = setup["images"]["red"]
     e = bad(setup, openai.BadRequestError, [image_part(red)] * 3)
     assert e.code == "too_many_images" and "more than 2" in e.message
     e = bad(setup, openai.BadRequestError, [image_part(setup["images"]["big"])])
     assert e.code == "image_too_large" and "300x300" in e.message and "--max-image-pixels" in e.message
+    thin = draw(setup["root"] / "thin.png", "red", "square", (4000, 8))  # Qwen2-VL takes aspect ratios < 200
+    e = bad(setup, openai.BadRequestError, [image_part(thin), {"type": "text", "text": Q}])
+    assert e.code == "invalid_messages" and "aspect ratio" in e.message
 
 
 def test_prompt_longer_than_the_context(setup):
@@ -353,7 +375,7 @@ def test_api_key_is_required(setup):
 def test_local_images_only_under_the_allowed_folder(setup, local):
     red = setup["images"]["red"]
     allowed = ask(setup, [{"type": "image_url", "image_url": {"url": "red.png"}}, {"type": "text", "text": Q}])
-    assert allowed.choices[0].message.content == expected(local, "shapes", [red], [Turn("user", IMAGE + Q)])
+    assert allowed.choices[0].message.content == expected(local, "shapes", [red], [Turn("user", ASKED)])
     outside = setup["root"] / "outside.png"
     for url in (str(outside), f"file://{outside}", "../outside.png"):
         e = bad(setup, openai.PermissionDeniedError, [{"type": "image_url", "image_url": {"url": url}}])

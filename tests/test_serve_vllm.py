@@ -59,13 +59,14 @@ def test_command_line_of_a_run_and_an_adapter(runs, tmp_path):
     assert "--trust-remote-code" not in args
 
 
-def test_what_vllm_cannot_do_the_runs_way_is_refused(runs, tiny_model_dir):
+def test_what_vllm_cannot_do_the_runs_way_is_refused_or_said(runs, tiny_model_dir, capsys):
     with pytest.raises(VlmtuneError, match="one set of image settings per server"):
         vllm_args(str(runs["latex"]), {"plain": str(runs["plain"])})
     fixed = resolve_target(str(runs["plain"]))
-    fixed.config.data.image_size = [56, 56]
-    with pytest.raises(VlmtuneError, match="data.image_size"):
-        vllm_args(fixed, {})
+    fixed.config.data.image_size = [60, 30]  # rounded to the 28-pixel grid: 56x28
+    args = vllm_args(fixed, {})
+    assert json.loads(option(args, "--mm-processor-kwargs")) == {"min_pixels": 56 * 28, "max_pixels": 56 * 28}
+    assert "send images at 56x28" in capsys.readouterr().err
     with pytest.raises(VlmtuneError, match="--trust-remote-code"):
         vllm_args(str(tiny_model_dir("minicpmv2_6")), {})
     args = vllm_args(str(runs["plain"]), {})

@@ -99,6 +99,51 @@ def newest_complete(run_dir: Path) -> tuple[Checkpoint | None, list[Checkpoint]]
     return None, skipped
 
 
+def require_complete(folder: Path) -> Path:
+    """`folder`, unless it is a `checkpoint-N` whose save did not finish (then an error)."""
+    if _NAME.match(folder.name):
+        ckpt = inspect(folder)
+        if not ckpt.complete:
+            raise VlmtuneError(f"{folder}: incomplete checkpoint ({ckpt.problem}); use another one, or the "
+                               "run folder for its final/ or newest complete checkpoint")
+    return folder
+
+
+def resolve_weights(folder: Path, unfinished: bool = True, log=print) -> Path:
+    """The one rule by which every command turns a folder into weights to load: a weights folder
+    (holding `vlmtune.yaml` and an adapter or a model config) is itself; a run folder gives its
+    `final/`, else (with `unfinished`; merge asks for a checkpoint by name instead) its newest
+    complete checkpoint, naming incomplete ones it passed over. An incomplete `checkpoint-N` is
+    refused.
+
+    Raises:
+        VlmtuneError: no such folder, nothing loadable in it, or an incomplete checkpoint.
+    """
+    from vlmtune.config import CONFIG_NAME
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise VlmtuneError(f"{folder}: no such run or checkpoint folder")
+    holds_weights = (folder / CONFIG_NAME).is_file() and any(
+        (folder / name).is_file() for name in ("adapter_config.json", "config.json"))
+    if holds_weights:
+        return require_complete(folder)
+    if (folder / "final").is_dir():
+        return folder / "final"
+    last, skipped = newest_complete(folder)
+    if not unfinished:
+        found = ", ".join(c.path.name + ("" if c.complete else " (incomplete)") for c in checkpoints(folder))
+        raise VlmtuneError(f"{folder}: holds neither an adapter (adapter_config.json) nor a final/ folder (did "
+                           "training finish?)" + (f"; it has {found}: pass one of those" if found else ""))
+    for ckpt in skipped:
+        log(f"skipping {ckpt.path}: incomplete ({ckpt.problem})")
+    if last is None:
+        raise VlmtuneError(f"{folder}: holds neither final/ nor a complete checkpoint-N/ nor a {CONFIG_NAME} "
+                           "with weights; pass a run folder, one of its checkpoints, or --model")
+    log(f"{folder} has no final/ (training did not finish): using its newest complete checkpoint, {last.path.name}")
+    return last.path
+
+
 def trainer_state(folder: Path) -> dict:
     path = folder / "trainer_state.json"
     try:

@@ -34,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("vlmtune.infer:predict_command", "Batched generation over a dataset to JSONL."),
     "chat": ("vlmtune.infer:chat_command", "Chat with a model (interactive, or one-shot with --prompt/--image)."),
     "serve": ("vlmtune.serve.command:serve_command", "Serve a run or model over an OpenAI-compatible HTTP API."),
+    "ui": ("vlmtune.ui:ui_command", "Open a web UI: chat (base vs tuned side by side), evaluations, training curves."),
     "merge": ("vlmtune.merge:merge_command", "Merge a LoRA checkpoint into its base model and verify the result."),
     "report": ("vlmtune.report:report_command", "Rebuild report.html for a run folder."),
     "plan": ("vlmtune.plan:plan_command", "Estimate peak memory per device of a training run before loading weights."),

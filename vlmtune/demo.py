@@ -12,6 +12,7 @@ The demo fails (exit 1) if the held-out metric did not improve: it exists to sho
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import time
 from pathlib import Path
@@ -95,6 +96,7 @@ def _demo(out: Path, steps: int | None, train_samples: int, val_samples: int, se
         print(f"validation loss   {loss_before:.4f} -> {loss_after:.4f}")
     print(comparison_table(before, after, ("before", "after")))
     print(f"\nrun folder: {run}\nreport:     {report}\ntime:       {time.time() - started:.0f} s")
+    print(f"open it in the web UI: vlmtune ui {shlex.quote(str(run))}")
     learned = after["exact_match"] > before["exact_match"] + 0.1 and (loss_after or 0) < (loss_before or 0)
     if not learned:
         print("the demo did not show learning (exact match up by > 0.10 and validation loss down): something is wrong")

@@ -16,8 +16,9 @@ The API, smallest first:
   run trained with: pixel budget or fixed size, `max_slice_nums`, prompt, system prompt).
 - `load_target(target)` -> (model, processor, family); `make_encoder(config, processor, family)`:
   the `Encoder` the run trained with, so a prompt is built exactly as training built it.
-- `chat_sample(messages)` -> `Sample`: chat messages (content a string or text/image parts, read as
-  the `messages` data format reads them) plus the turn the model answers.
+- `chat_sample(messages, image_newline=True)` -> `Sample`: chat messages (content a string or
+  text/image parts, read by the `messages` data format's reader; a text part after an image starts
+  on a new line, as `vlmtune chat` and the MiniCPM/LLaVA layouts write it) plus the turn to answer.
 - `complete(model, encoder, prompts, max_new_tokens, sampling, stop, on_text)` -> `[Completion]`:
   one batched `model.generate` call; greedy unless `sampling` says otherwise; stop strings; text
   pieces passed to `on_text(row, piece)` as they are generated.
@@ -97,7 +98,8 @@ def resolve_target(target: str | None, model: str | None = None, adapter: str | 
         raise VlmtuneError(f"{target}: no such run or checkpoint folder")
     if (folder / "final").is_dir():
         folder = folder / "final"
-    elif not (folder / CONFIG_NAME).exists() or not ((folder / "adapter_config.json").exists() or (folder / "config.json").exists()):
+    elif not (folder / CONFIG_NAME).exists() or not ((folder / "adapter_config.json").exists()
+                                                     or (folder / "config.json").exists()):
         checkpoints = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
         if not checkpoints:
             raise VlmtuneError(f"{target}: holds neither final/ nor checkpoint-N/ nor a {CONFIG_NAME}")
@@ -147,19 +149,36 @@ def make_encoder(config: RunConfig, processor, family) -> Encoder:
 
 # -- prompts -------------------------------------------------------------------------------------
 
-def chat_sample(messages: list[dict], source: str = "chat") -> Sample:
+def chat_sample(messages: list[dict], source: str = "chat", image_newline: bool = True) -> Sample:
     """The conversation `messages` as a `Sample` that asks for the next assistant turn.
 
     Each message is `{"role", "content"}`, the content a string or a list of text and image parts
-    (`{"type": "image", "image": PATH}`), read by the same function as the `messages` data format:
-    parts are joined as they are, with nothing put between them. The sample ends with an empty
-    assistant turn, which `Encoder.encode_prompt` replaces with the generation prompt.
+    (`{"type": "image", "image": PATH}`), read by the same function as the `messages` data format.
+    With `image_newline`, a text part right after an image part starts on a new line: `[image,
+    "What is this?"]` becomes `<image>\\nWhat is this?`, the layout `vlmtune data prepare`, the
+    MiniCPM and LLaVA formats and `vlmtune chat` use. Without it, parts are joined as they are
+    (`<image>What is this?`), as the `messages` data format reads them. The sample ends with an
+    empty assistant turn, which `Encoder.encode_prompt` replaces with the generation prompt.
 
     Raises:
         DataError: a message without a known role or content.
     """
+    if image_newline:
+        messages = [{**m, "content": _newline_after_images(m["content"])}
+                    if isinstance(m, dict) and isinstance(m.get("content"), list) else m for m in messages]
     sample = read_messages({"messages": messages}, source, ".")
     return Sample(sample.images, [*sample.turns, Turn("assistant", "")], source=source)
+
+
+def _newline_after_images(parts: list) -> list:
+    out = []
+    for part in parts:
+        follows_image = out and isinstance(out[-1], dict) and out[-1].get("type") in ("image", "image_url")
+        if follows_image and isinstance(part, dict) and part.get("type") == "text" \
+                and isinstance(part.get("text"), str) and not part["text"].startswith("\n"):
+            part = {**part, "text": "\n" + part["text"]}
+        out.append(part)
+    return out
 
 
 def derive_max_new_tokens(tokenizer, samples: list[Sample]) -> int:
@@ -217,8 +236,8 @@ class _Rows(StoppingCriteria):
 
     def __init__(self, tokenizer, prompt_length: int, limits: list[int], stops: list[list[str]], eos: set[int],
                  on_text: Callable[[int, str], None] | None):
-        self.tokenizer, self.prompt_length, self.limits, self.stops, self.eos = tokenizer, prompt_length, limits, stops, eos
-        self.on_text = on_text
+        self.tokenizer, self.prompt_length, self.limits, self.stops = tokenizer, prompt_length, limits, stops
+        self.eos, self.on_text = eos, on_text
         n = len(limits)
         self.tokens: list[list[int]] = [[] for _ in range(n)]
         self.text = [""] * n  # the answer so far, cut at a stop string

@@ -30,6 +30,7 @@ from typing import Literal
 import torch
 from PIL import Image, ImageDraw
 
+from vlmtune.checkpoints import require_complete, resolve_weights
 from vlmtune.config import CONFIG_NAME, RunConfig, load_config, saved_remote_code
 from vlmtune.errors import VlmtuneError
 from vlmtune.fileio import clean_stale_temps, disk_full_error, remove, temp_sibling
@@ -50,22 +51,16 @@ def log(message: str) -> None:
 
 
 def find_checkpoint(path: str | Path) -> Path:
-    """The folder holding the adapter: `path` itself, or `path/final` for a run folder.
+    """The folder holding the adapter: `path` itself, or for a run folder its final/ (else its newest
+    complete checkpoint, `checkpoints.resolve_weights`).
 
     Raises:
         VlmtuneError: no such folder, a full-weights folder (nothing to merge), or a missing file.
     """
     path = Path(path)
-    if not path.is_dir():
-        raise VlmtuneError(f"{path}: no such folder; pass a run folder or one of its checkpoint-N/final folders")
     is_checkpoint = any((path / name).exists() for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, *FULL_WEIGHTS))
-    if not is_checkpoint and (path / "final").is_dir():
-        path = path / "final"
-    elif not is_checkpoint:
-        found = sorted(p.name for p in path.glob("checkpoint-*") if p.is_dir())
-        hint = f"; it has {', '.join(found)}: pass one of those" if found else ""
-        raise VlmtuneError(f"{path}: holds neither an adapter ({ADAPTER_CONFIG}) nor a final/ folder "
-                           f"(did training finish?){hint}")
+    # the rule eval, predict and chat follow, except that an unfinished run's checkpoint is named, not guessed
+    path = require_complete(path) if is_checkpoint else resolve_weights(path, unfinished=False)
     if not (path / ADAPTER_CONFIG).is_file():
         full = [name for name in FULL_WEIGHTS if (path / name).exists()]
         if full:

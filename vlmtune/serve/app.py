@@ -43,6 +43,7 @@ class ServeOptions:
     api_key: str | None = None
     max_body_bytes: int = 20 * 2**20
     max_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    image_newline: bool = True  # a text part after an image part starts on a new line (`chat_sample`)
 
 
 @dataclass
@@ -104,17 +105,18 @@ def build_app(generator: Generator, batcher: Batcher, options: ServeOptions) -> 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         authorize(request)
-        body = parse_json(await read_body(request, options.max_body_bytes))
-        prepared = await run_in_threadpool(prepare, generator, body, options)
         loop = asyncio.get_running_loop()
-        reply = Reply(f"chatcmpl-{uuid.uuid4().hex}", prepared.variant, int(time.time()))
-        if prepared.request.stream:
-            events: asyncio.Queue = asyncio.Queue()
-            submit(batcher, prepared, loop, lambda result: events.put_nowait(_Finished(result)), events.put_nowait)
-            return StreamingResponse(reply.events(events, prepared.request.include_usage),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        done = loop.create_future()
-        submit(batcher, prepared, loop, lambda result: done.done() or done.set_result(result), None)
+        with batcher.preparing():
+            body = parse_json(await read_body(request, options.max_body_bytes))
+            prepared = await run_in_threadpool(prepare, generator, body, options)
+            reply = Reply(f"chatcmpl-{uuid.uuid4().hex}", prepared.variant, int(time.time()))
+            if prepared.request.stream:
+                events: asyncio.Queue = asyncio.Queue()
+                submit(batcher, prepared, loop, lambda result: events.put_nowait(_Finished(result)), events.put_nowait)
+                return StreamingResponse(reply.events(events, prepared.request.include_usage),
+                                         media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            done = loop.create_future()
+            submit(batcher, prepared, loop, lambda result: done.done() or done.set_result(result), None)
         result = await done
         if isinstance(result, BaseException):
             raise ApiError(500, f"generation failed: {type(result).__name__}: {result}", kind="server_error")
@@ -164,8 +166,9 @@ def prepare(generator: Generator, body: dict, options: ServeOptions) -> Prepared
             raise ApiError(404, f"{e}", "model_not_found", "model") from None
         try:
             with _ENCODING:
-                prompt = variant.encoder.encode_prompt(chat_sample(request.messages, source="request"))
-        except VlmtuneError as e:
+                sample = chat_sample(request.messages, "request", options.image_newline)
+                prompt = variant.encoder.encode_prompt(sample)
+        except (VlmtuneError, ValueError) as e:  # processors refuse inputs they cannot take with ValueError
             raise ApiError(400, f"cannot build the prompt: {e}", "invalid_messages", "messages") from None
     length, context = len(prompt["input_ids"]), generator.context_length
     if context and length >= context:

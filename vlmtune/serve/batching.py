@@ -1,8 +1,9 @@
 """The server's one generation thread: requests that arrive together share one `generate` call.
 
-Request handlers encode their prompt and `submit` a `Job`; this thread takes every job waiting
-(after a short wait when it was idle, so that requests sent at the same moment meet), picks the
-oldest one's group and answers up to `max_batch` jobs of that group in one call of
+Request handlers encode their prompt (inside `preparing()`) and `submit` a `Job`; this thread takes
+every job waiting, and when it was idle it also waits a moment for requests still being prepared,
+so that requests sent at the same moment meet (a lone request does not wait). It picks the oldest
+job's group and answers up to `max_batch` jobs of that group in one call of
 `Generator.complete`. A group is a model variant and a sampling setting: one call runs one adapter
 and one way of choosing tokens. A request with a `seed` is a group of its own, so its answer does
 not depend on which other requests happened to arrive with it. Answers go back through each job's
@@ -15,6 +16,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from vlmtune.generation import Completion, Generator, Sampling
@@ -47,14 +49,17 @@ class Batcher:
     """Runs `Job`s on `generator`, up to `max_batch` in one call.
 
     Args:
-        wait_s: how long an idle batcher waits after the first job for others to join it.
+        wait_s: how long an idle batcher waits, after the first job, for requests still being
+            prepared to join it.
     """
 
-    def __init__(self, generator: Generator, max_batch: int = 16, wait_s: float = 0.01):
+    def __init__(self, generator: Generator, max_batch: int = 16, wait_s: float = 0.02):
         self.generator, self.max_batch, self.wait_s = generator, max_batch, wait_s
         self._jobs: queue.Queue[Job] = queue.Queue()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._preparing = 0  # requests between arrival and submit
+        self._count = threading.Lock()
         self.calls = 0  # generate calls made
         self.answered = 0  # jobs answered in them
         self.largest = 0  # most jobs in one call
@@ -71,6 +76,17 @@ class Batcher:
 
     def submit(self, job: Job) -> None:
         self._jobs.put(job)
+
+    @contextmanager
+    def preparing(self):
+        """Around reading, encoding and submitting one request: the batcher may wait for it."""
+        with self._count:
+            self._preparing += 1
+        try:
+            yield
+        finally:
+            with self._count:
+                self._preparing -= 1
 
     def stats(self) -> dict:
         return {"generate_calls": self.calls, "requests": self.answered, "largest_batch": self.largest,
@@ -95,8 +111,9 @@ class Batcher:
                 if not pending:
                     continue
                 deadline = time.monotonic() + self.wait_s
-                while len(pending) < self.max_batch and (left := deadline - time.monotonic()) > 0:
-                    pending += self._take(block=True, timeout=left)
+                while (len(pending) < self.max_batch and self._preparing
+                       and (left := deadline - time.monotonic()) > 0):
+                    pending += self._take(block=True, timeout=min(left, 0.002))
             else:
                 pending += self._take(block=False, timeout=0)
             group = pending[0].group

@@ -74,8 +74,9 @@ def _stop_on_sigterm(signum, frame) -> None:
 def serve_command(target: str, /, adapter: list[str] | None = None, name: str | None = None,
                   host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
                   allow_local_images: str | None = None, max_images: int = 8, max_image_pixels: int = 16_777_216,
-                  max_body_mb: float = 20.0, max_tokens: int = 256, max_batch: int = 16, batch_wait_ms: float = 10.0,
-                  engine: Literal["transformers", "vllm"] = "transformers", trust_remote_code: bool = False) -> int:
+                  max_body_mb: float = 20.0, max_tokens: int = 256, max_batch: int = 16, batch_wait_ms: float = 20.0,
+                  image_newline: bool = True, engine: Literal["transformers", "vllm"] = "transformers",
+                  trust_remote_code: bool = False) -> int:
     """Serve a run, checkpoint or model over an OpenAI-compatible API (/v1/chat/completions).
 
     Requests take text and image_url parts (data:image/...;base64 URLs), max_tokens, temperature
@@ -99,7 +100,12 @@ def serve_command(target: str, /, adapter: list[str] | None = None, name: str | 
         max_body_mb: Largest request body, in MiB.
         max_tokens: Longest answer when a request gives no max_tokens.
         max_batch: Most requests answered in one generate call (1: one at a time).
-        batch_wait_ms: How long an idle server waits after a request for others to batch with it.
+        batch_wait_ms: Longest wait of an idle server, after a request, for requests that arrived with
+            it and are still being read to join its batch (a lone request does not wait).
+        image_newline: Start a text part that follows an image part on a new line (`<image>\\nWhat?`),
+            as `vlmtune data prepare`, the MiniCPM and LLaVA formats and `vlmtune chat` lay out a
+            question; --no-image-newline joins parts as they are (`<image>What?`), as the `messages`
+            data format does. Pick the layout the run was trained on.
         engine: transformers (built in, any device) or vllm (hands the run to vLLM's OpenAI server;
             CUDA, pip install 'vlmtune[vllm]').
         trust_remote_code: Run the Python files of the model folder (read them first); a run folder's
@@ -122,7 +128,8 @@ def serve_command(target: str, /, adapter: list[str] | None = None, name: str | 
                                trust_remote_code=trust_remote_code)
     missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
     if missing:
-        raise VlmtuneError(f"vlmtune serve needs {' and '.join(missing)}, not installed here: pip install 'vlmtune[serve]'")
+        raise VlmtuneError(f"vlmtune serve needs {' and '.join(missing)}, not installed here: "
+                           "pip install 'vlmtune[serve]'")
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         print(f"warning: listening on {host} without --api-key: anyone who can reach this machine can use the model",
               file=sys.stderr, flush=True)
@@ -130,7 +137,7 @@ def serve_command(target: str, /, adapter: list[str] | None = None, name: str | 
     sock = bind(host, port)
     try:
         return _serve(sock, target, adapters, name, api_key, local, max_images, max_image_pixels, max_body_mb,
-                      max_tokens, max_batch, batch_wait_ms, trust_remote_code)
+                      max_tokens, max_batch, batch_wait_ms, image_newline, trust_remote_code)
     except KeyboardInterrupt:
         print("vlmtune serve: stopped", file=sys.stderr, flush=True)
         return 0
@@ -141,7 +148,7 @@ def serve_command(target: str, /, adapter: list[str] | None = None, name: str | 
 
 def _serve(sock: socket.socket, target: str, adapters: dict[str, str], name: str | None, api_key: str | None,
            local: Path | None, max_images: int, max_image_pixels: int, max_body_mb: float, max_tokens: int,
-           max_batch: int, batch_wait_ms: float, trust_remote_code: bool) -> int:
+           max_batch: int, batch_wait_ms: float, image_newline: bool, trust_remote_code: bool) -> int:
     import uvicorn
 
     from vlmtune.generation import load_generator
@@ -150,7 +157,8 @@ def _serve(sock: socket.socket, target: str, adapters: dict[str, str], name: str
     from vlmtune.serve.requests import Limits
 
     generator = load_generator(target, adapters, name=name, trust_remote_code=trust_remote_code)
-    options = ServeOptions(Limits(max_images, max_image_pixels, local), api_key, int(max_body_mb * 2**20), max_tokens)
+    options = ServeOptions(Limits(max_images, max_image_pixels, local), api_key, int(max_body_mb * 2**20), max_tokens,
+                           image_newline)
     app = build_app(generator, Batcher(generator, max_batch, batch_wait_ms / 1000), options)
     host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"

@@ -182,10 +182,10 @@ class _ImageReader:
         if url.startswith("data:"):
             path = self._decode(url, where)
         elif re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", url) and not url.startswith("file://"):
+            local = ", or as a path under the --allow-local-images folder" if self.limits.allow_local_images else ""
             raise ApiError(400, f"{where}: remote image URLs are not fetched (this server may run without network): "
-                                f"{url[:80]}. Send the image inline as a data:image/...;base64 URL"
-                                + (", or as a path under the --allow-local-images folder" if self.limits.allow_local_images
-                                   else ""), "remote_image_url", where)
+                                f"{url[:80]}. Send the image inline as a data:image/...;base64 URL{local}",
+                           "remote_image_url", where)
         else:
             path = self._local(url.removeprefix("file://"), where)
         self._check(path, where)
@@ -207,8 +207,8 @@ class _ImageReader:
     def _local(self, name: str, where: str) -> Path:
         folder = self.limits.allow_local_images
         if folder is None:
-            raise ApiError(400, f"{where}: local image paths are off; start the server with --allow-local-images DIR to "
-                                "read images under DIR, or send the image as a data:image/...;base64 URL",
+            raise ApiError(400, f"{where}: local image paths are off; start the server with --allow-local-images "
+                                "DIR to read images under DIR, or send the image as a data:image/...;base64 URL",
                            "local_images_disabled", where)
         path = (folder / Path(name).expanduser()).resolve()  # an absolute `name` replaces `folder`
         if not path.is_relative_to(folder):

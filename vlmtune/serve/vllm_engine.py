@@ -5,8 +5,9 @@ modules. This module turns a vlmtune run into that command line: the merged fold
 with each adapter as a `--lora-modules NAME=PATH`, the run's image settings as
 `--mm-processor-kwargs` (Qwen's pixel budget, MiniCPM-V's `max_slice_nums`), and the serve options
 that vLLM has too (host, port, API key, images per prompt, local image folder, batch size). What
-vLLM cannot do the run's way is refused or named before it starts: a fixed image size, adapters
-that train whole modules (merge those first), runs whose image settings differ.
+vLLM cannot do the run's way is refused or named before it starts: adapters that train whole
+modules (merge those first), runs whose image settings differ, and a fixed image size (vLLM only
+keeps a pixel budget: send images at the run's size).
 """
 
 from __future__ import annotations
@@ -25,15 +26,23 @@ LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM's --max-lora-
 
 
 def _processor_kwargs(target: Target, family) -> dict:
+    """vLLM's `--mm-processor-kwargs` for the run's image settings. A fixed `data.image_size` has no
+    vLLM equivalent: for a pixel-budget family the budget is pinned to its area, and the note says
+    to send images at that size, which the processor then leaves as they are."""
     d = target.config.data
-    if d.image_size:
-        raise VlmtuneError(f"{variant_name(target)} resizes every image to data.image_size={d.image_size}, which vLLM "
-                           "cannot do; serve it with the default engine (--engine transformers)")
     kwargs = {}
     if family.pixel_budget:
         kwargs.update({k: v for k, v in (("min_pixels", d.min_pixels), ("max_pixels", d.max_pixels)) if v})
     if d.max_slice_nums:
         kwargs["max_slice_nums"] = d.max_slice_nums
+    if d.image_size:
+        f = family.patch_factor
+        width, height = (max(f, round(s / f) * f) for s in d.image_size)
+        if family.pixel_budget:
+            kwargs.update(min_pixels=width * height, max_pixels=width * height)
+        print(f"note: {variant_name(target)} trained on images resized to {width}x{height} (data.image_size); vLLM "
+              f"does not resize to a fixed size, so send images at {width}x{height} for the answers eval gave",
+              file=sys.stderr, flush=True)
     return kwargs
 
 
@@ -61,7 +70,8 @@ def vllm_args(target: str | Target, adapters: dict[str, str], *, name: str | Non
     if family.own_implementation and not trust_remote_code:
         raise VlmtuneError(f"vLLM runs {family.name} from the Python files of the model folder; pass "
                            "--trust-remote-code to allow that (read those files first), or use the default engine")
-    loras = ([(own, t)] if t.adapter else []) + [(n, adapter_target(p, t, trust_remote_code)) for n, p in adapters.items()]
+    loras = ([(own, t)] if t.adapter else []) + [(n, adapter_target(p, t, trust_remote_code))
+                                                  for n, p in adapters.items()]
     settings = {n: _processor_kwargs(lt, family) for n, lt in [("base" if t.adapter else own, t), *loras]}
     if len({json.dumps(s, sort_keys=True) for s in settings.values()}) > 1:
         raise VlmtuneError("vLLM takes one set of image settings per server and these differ: "
