@@ -158,12 +158,13 @@ def test_train_with_skip_writes_rejected_and_trains_on_the_rest(mixed, tiny_qwen
 
 
 def test_train_with_error_policy_stops_before_loading_weights(mixed, tiny_qwen2_vl, tmp_path, monkeypatch):
+    import vlmtune.parts as parts_module
     import vlmtune.train as train_module
 
     def no_weights(*args, **kwargs):
         raise AssertionError("weights were loaded although the pre-flight check failed")
 
-    monkeypatch.setattr(train_module, "load_model", no_weights)
+    monkeypatch.setattr(parts_module, "load_model", no_weights)  # every command loads weights through RunParts
     out = tmp_path / "run"
     with pytest.raises(DataError) as info:
         train_module.train(load_config(None, base_overrides(tiny_qwen2_vl, mixed["path"], out,

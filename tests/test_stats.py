@@ -13,7 +13,8 @@ from PIL import Image
 from vlmtune import cli
 from vlmtune.data.encode import Encoder
 from vlmtune.data.formats import load_samples
-from vlmtune.data.stats import compute_stats, stats_command
+from vlmtune.data.stats import compute_stats
+from vlmtune.data_commands import stats_command
 from vlmtune.models import family_for
 from vlmtune.models.load import load_processor
 from vlmtune.models.tiny import build_tiny_model

@@ -28,7 +28,7 @@ from vlmtune.data.encode import Encoder
 from vlmtune.data.sample import Sample, Turn
 from vlmtune.errors import DataError, VlmtuneError
 from vlmtune.fileio import atomic_write_text, disk_full_error
-from vlmtune.generation import derive_max_new_tokens, generate, load_target, make_encoder, resolve_target
+from vlmtune.generation import derive_max_new_tokens, generate, ready_model, resolve_target, target_parts
 from vlmtune.metrics import compute_metrics, lower_is_better, primary_metric
 from vlmtune.scoring import EvalItem, first_items, group_items, item_row
 
@@ -196,8 +196,8 @@ def eval_command(target: str | None = None, /, model: str | None = None, adapter
     preflight(samples, data or c.data.val or c.data.train)  # before the model loads: FILE:INDEX errors
     items = group_items(samples)
 
-    net, processor, family = load_target(t)
-    encoder = make_encoder(c, processor, family)
+    parts = target_parts(t)
+    net, encoder = ready_model(parts, t.adapter), parts.encoder
     max_new_tokens = max_new_tokens or derive_max_new_tokens(encoder.tokenizer, samples)  # every reference
     eval_root = Path(out) if out else (t.run_dir / "eval" if t.run_dir else Path("eval"))
     results = {}
@@ -209,7 +209,7 @@ def eval_command(target: str | None = None, /, model: str | None = None, adapter
             with net.disable_adapter():
                 metrics = evaluate_items(net, encoder, task, items, folder, batch_size, max_new_tokens, name)
         elif as_base:
-            base_net, _, _ = load_target(t.base())
+            base_net = ready_model(target_parts(t.base()))
             metrics = evaluate_items(base_net, encoder, task, items, folder, batch_size, max_new_tokens, name)
             del base_net
         else:

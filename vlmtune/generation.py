@@ -14,8 +14,10 @@ The API, smallest first:
 - `resolve_target(RUN | CHECKPOINT, model, adapter)` / `target_for(RUN | CHECKPOINT | MODEL)` -> `Target`:
   which weights, which adapter and which run config (the config holds the processor settings the
   run trained with: pixel budget or fixed size, `max_slice_nums`, prompt, system prompt).
-- `load_target(target)` -> (model, processor, family); `make_encoder(config, processor, family)`:
-  the `Encoder` the run trained with, so a prompt is built exactly as training built it.
+- `target_parts(target)` -> `RunParts` (`vlmtune.parts`: model folder, family, processor and the
+  `Encoder` the run trained with, so a prompt is built exactly as training built it);
+  `ready_model(parts, adapter)` -> the model for generation. `load_target(target)` does both and
+  returns (model, processor, family); `make_encoder(config, processor, family)` is the run's encoder.
 - `chat_sample(messages, image_newline=True)` -> `Sample`: chat messages (content a string or
   text/image parts, read by the `messages` data format's reader; a text part after an image starts
   on a new line, as `vlmtune chat` and the MiniCPM/LLaVA layouts write it) plus the turn to answer.
@@ -51,7 +53,9 @@ from vlmtune.data.collate import Collator, EncodedDataset
 from vlmtune.data.encode import Encoder
 from vlmtune.data.readers import read_messages
 from vlmtune.data.sample import Sample, Turn
+from vlmtune.checkpoints import resolve_weights
 from vlmtune.errors import VlmtuneError
+from vlmtune.parts import RunParts, build_encoder, run_parts
 from vlmtune.scoring import item_key
 
 # For prompts without references to size answers from (eval derives it from the references).
@@ -93,17 +97,8 @@ def resolve_target(target: str | None, model: str | None = None, adapter: str | 
         config = load_config(None, [f"model.name_or_path={model}"])
         config.model.trust_remote_code = trust_remote_code
         return Target(model, adapter, "adapter" if adapter else "model", config, None)
-    folder = Path(target)
-    if not folder.is_dir():
-        raise VlmtuneError(f"{target}: no such run or checkpoint folder")
-    if (folder / "final").is_dir():
-        folder = folder / "final"
-    elif not (folder / CONFIG_NAME).exists() or not ((folder / "adapter_config.json").exists()
-                                                     or (folder / "config.json").exists()):
-        checkpoints = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-        if not checkpoints:
-            raise VlmtuneError(f"{target}: holds neither final/ nor checkpoint-N/ nor a {CONFIG_NAME}")
-        folder = checkpoints[-1]
+    # final/, else the newest complete checkpoint (the rule merge follows too)
+    folder = resolve_weights(Path(target), log=lambda m: print(m, file=sys.stderr, flush=True))
     if not (folder / CONFIG_NAME).exists():
         raise VlmtuneError(f"{folder}: no {CONFIG_NAME}; pass --model (and --adapter) instead")
     config = saved_remote_code(load_config(folder / CONFIG_NAME), trust_remote_code, folder / CONFIG_NAME)
@@ -123,28 +118,34 @@ def target_for(path: str, trust_remote_code: bool = False) -> Target:
     return resolve_target(path, None, None, trust_remote_code)
 
 
-def load_target(target: Target):
-    """(model, processor, family) ready for generation, the adapter applied when there is one."""
-    from vlmtune.models.load import load_model_and_processor
+def target_parts(target: Target) -> RunParts:
+    """The run's parts (`vlmtune.parts`) for `target`: its weights folder, processor and encoder."""
+    return run_parts(target.config, model=target.model)
 
-    c = target.config
-    model, processor, family, _ = load_model_and_processor(
-        target.model, c.model.hub, c.model.revision, c.model.dtype, c.data.min_pixels, c.data.max_pixels,
-        c.model.trust_remote_code, max_slice_nums=c.data.max_slice_nums)
-    if target.adapter:
+
+def ready_model(parts: RunParts, adapter: str | None = None):
+    """The model of `parts` ready for generation (eval mode, on the GPU if there is one), the
+    adapter applied when there is one."""
+    model = parts.load_model()
+    if adapter:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, target.adapter)
+        model = PeftModel.from_pretrained(model, adapter)
     if torch.cuda.is_available():
         model = model.to("cuda")
-    return model.eval(), processor, family
+    return model.eval()
+
+
+def load_target(target: Target):
+    """(model, processor, family) ready for generation, the adapter applied when there is one."""
+    parts = target_parts(target)
+    return ready_model(parts, target.adapter), parts.processor, parts.family
 
 
 def make_encoder(config: RunConfig, processor, family) -> Encoder:
-    """The encoder a run trained with (same prompt, system prompt and image size)."""
-    d = config.data
-    return Encoder(processor, family, prompt=d.prompt, system_prompt=d.system_prompt,
-                   image_size=tuple(d.image_size) if d.image_size else None)
+    """The encoder a run trained with (same prompt, system prompt and image size), for prompts of
+    any length."""
+    return build_encoder(config, processor, family, limit_length=False)
 
 
 # -- prompts -------------------------------------------------------------------------------------
@@ -516,9 +517,6 @@ def load_generator(source: str | Target, adapters: dict[str, str] | None = None,
     Raises:
         VlmtuneError: an adapter that is not one, or a name used twice.
     """
-    from vlmtune.models import family_for
-    from vlmtune.models.load import load_model, load_processor, pick_dtype, resolve_model_path
-
     t = source if isinstance(source, Target) else target_for(source, trust_remote_code)
     own = name or variant_name(t)
     loras = ([(own, t)] if t.adapter else []) + [(n, adapter_target(p, t, trust_remote_code))
@@ -528,20 +526,9 @@ def load_generator(source: str | Target, adapters: dict[str, str] | None = None,
         raise VlmtuneError(f"model names must differ: {', '.join(names)}; give each --adapter its own NAME=PATH")
     c = t.config
     base = c.model.name_or_path if t.adapter else t.model
-    path = resolve_model_path(base, c.model.hub, c.model.revision)
-    family = family_for(path)
-    processors: dict[tuple, object] = {}
-
-    def encoder_for(config: RunConfig) -> Encoder:
-        d = config.data
-        key = (d.min_pixels, d.max_pixels, d.max_slice_nums)
-        if key not in processors:
-            processors[key] = load_processor(path, family, d.min_pixels, d.max_pixels, c.model.trust_remote_code,
-                                             d.max_slice_nums)
-        return make_encoder(config, processors[key], family)
-
-    model = load_model(path, pick_dtype(c.model.dtype), trust_remote_code=c.model.trust_remote_code)
-    variants = [Variant(names[0], None, encoder_for(c), c, base)]
+    parts = run_parts(c, model=base)
+    model = parts.load_model()
+    variants = [Variant(names[0], None, parts.encoder, c, base)]
     for variant, lt in loras:
         if lt.config.model.name_or_path != c.model.name_or_path and lt.run_dir is not None:
             print(f"note: adapter {variant} was trained on {lt.config.model.name_or_path}; it is served on {base}",
@@ -552,7 +539,7 @@ def load_generator(source: str | Target, adapters: dict[str, str] | None = None,
             model = PeftModel.from_pretrained(model, lt.adapter, adapter_name=variant)
         else:
             model.load_adapter(lt.adapter, adapter_name=variant)
-        variants.append(Variant(variant, variant, encoder_for(lt.config), lt.config, lt.adapter))
+        variants.append(Variant(variant, variant, parts.with_config(lt.config).encoder, lt.config, lt.adapter))
     if torch.cuda.is_available():
         model = model.to("cuda")
     return Generator(model.eval(), variants, own)

@@ -23,8 +23,8 @@ from vlmtune.data.encode import Encoder
 from vlmtune.data.sample import IMAGE, Sample, Turn
 from vlmtune.errors import VlmtuneError
 from vlmtune.evaluate import PartialJsonl, preflight
-from vlmtune.generation import (DEFAULT_MAX_NEW_TOKENS, derive_max_new_tokens, generate, load_target, make_encoder,
-                                resolve_target)
+from vlmtune.generation import (DEFAULT_MAX_NEW_TOKENS, derive_max_new_tokens, generate, ready_model, resolve_target,
+                                target_parts)
 from vlmtune.scoring import prompt_text
 
 CHAT_HELP = "/image PATH attaches an image to your next message, /reset forgets the conversation, /exit quits"
@@ -79,8 +79,8 @@ def predict_command(target: str | None = None, /, model: str | None = None, adap
         raise VlmtuneError(f"--out {out} is a folder; give a file name such as {out_path / 'predictions.jsonl'}")
     preflight(samples, data, need_answers=False)
 
-    net, processor, family = load_target(t)
-    encoder = make_encoder(c, processor, family)
+    parts = target_parts(t)
+    net, encoder = ready_model(parts, t.adapter), parts.encoder
     answered = [s for s in samples if s.answer()]
     max_new_tokens = (max_new_tokens or c.eval.max_new_tokens
                       or (derive_max_new_tokens(encoder.tokenizer, answered) if answered else DEFAULT_MAX_NEW_TOKENS))
@@ -120,8 +120,8 @@ class ChatSession:
     training sample, so a follow-up question sees the earlier questions, answers and images.
 
     Args:
-        model: the model, ready for generation (`generation.load_target`).
-        encoder: the run's encoder (`make_encoder`).
+        model: the model, ready for generation (`generation.ready_model`).
+        encoder: the run's encoder (`RunParts.encoder`).
         max_new_tokens: longest answer per turn.
     """
 
@@ -237,8 +237,8 @@ def chat_command(target: str | None = None, /, model: str | None = None, adapter
     """
     images = [check_image(p) for p in image or []]  # before loading the model: fail fast
     t = resolve_target(target, model, adapter, trust_remote_code)
-    net, processor, family = load_target(t)
-    session = ChatSession(net, make_encoder(t.config, processor, family), max_new_tokens)
+    parts = target_parts(t)
+    session = ChatSession(ready_model(parts, t.adapter), parts.encoder, max_new_tokens)
     session.pending = images
     if prompt:  # each --prompt is a message, never a /command
         for text in prompt:

@@ -31,11 +31,11 @@ import torch
 from PIL import Image, ImageDraw
 
 from vlmtune.checkpoints import require_complete, resolve_weights
-from vlmtune.config import CONFIG_NAME, RunConfig, load_config, saved_remote_code
+from vlmtune.config import CONFIG_NAME, load_config, saved_remote_code
 from vlmtune.errors import VlmtuneError
 from vlmtune.fileio import clean_stale_temps, disk_full_error, remove, temp_sibling
-from vlmtune.models import family_for
-from vlmtune.models.load import load_model, load_processor, resolve_model_path
+from vlmtune.models.load import load_model, load_processor
+from vlmtune.parts import RunParts, run_parts
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -88,20 +88,18 @@ def check_out(out: Path) -> None:
 
 # -- the verification batch ------------------------------------------------------------------
 
-def data_batch(config: RunConfig, processor, family) -> tuple[dict, str] | None:
+def data_batch(parts: RunParts) -> tuple[dict, str] | None:
     """The first samples of the run's validation (or training) file, encoded as in training;
     None when the file or its images are gone."""
     from vlmtune.data.collate import Collator
-    from vlmtune.data.encode import Encoder
     from vlmtune.data.formats import load_samples
     from vlmtune.errors import DataError
 
+    config, encoder = parts.config, parts.encoder
     for name in ("val", "train"):
         path = getattr(config.data, name)
         if not path or not os.path.isfile(path):
             continue
-        encoder = Encoder(processor, family, prompt=config.data.prompt, system_prompt=config.data.system_prompt,
-                          image_size=tuple(config.data.image_size) if config.data.image_size else None)
         try:
             samples = load_samples(path, config.data.format)[:BATCH_SIZE]
             if not samples or not all(os.path.isfile(p) for s in samples for p in s.images):
@@ -110,9 +108,7 @@ def data_batch(config: RunConfig, processor, family) -> tuple[dict, str] | None:
         except DataError as e:  # the data changed since training; any batch verifies a merge
             log(f"not using data.{name} for the check ({e})")
             continue
-        pad_id = processor.tokenizer.pad_token_id
-        batch = Collator(pad_id if pad_id is not None else processor.tokenizer.eos_token_id,
-                         concat_dims=family.concat_dims)(encoded)
+        batch = Collator(parts.pad_id, concat_dims=parts.family.concat_dims)(encoded)
         batch.pop("labels")
         return batch, f"first {len(samples)} sample(s) of data.{name} ({path})"
     return None
@@ -212,11 +208,10 @@ def merge(checkpoint: str | Path, out: str | Path, tolerance: float = 1e-4, dtyp
     clean_killed_merges(out)
     config = saved_remote_code(load_config(ckpt / CONFIG_NAME), trust_remote_code, ckpt / CONFIG_NAME)
     m = config.model
-    base_path = resolve_model_path(m.name_or_path, m.hub, m.revision)
-    family = family_for(base_path)
-    # the checkpoint's processor is the one training used (pixel budget, chat template)
-    processor = load_processor(ckpt, family, trust_remote_code=m.trust_remote_code)
-    found = data_batch(config, processor, family)
+    # the processor with the run's image settings (pixel budget, max_slice_nums), as training had it
+    parts = run_parts(config)
+    processor, family, base_path = parts.processor, parts.family, parts.model_path
+    found = data_batch(parts)
     batch, batch_source = found if found is not None else synthetic_batch(processor)
     n_tokens = int(batch["attention_mask"].sum())
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -224,7 +219,7 @@ def merge(checkpoint: str | Path, out: str | Path, tolerance: float = 1e-4, dtyp
     log(f"loading base model {m.name_or_path} in fp32 and the adapter from {ckpt} ...")
     # transformers' default attention on both sides (not model.attn_implementation): the reload
     # below is what a plain from_pretrained gives, and the two must run the same kernels
-    base = load_model(base_path, torch.float32, trust_remote_code=m.trust_remote_code).to(device)
+    base = parts.load_model(dtype=torch.float32).to(device)
     model = PeftModel.from_pretrained(base, ckpt, is_trainable=False).eval()
     log(f"computing reference logits on {n_tokens} tokens: {batch_source} ...")
     reference = logits_of(model, batch)
@@ -250,8 +245,6 @@ def merge(checkpoint: str | Path, out: str | Path, tolerance: float = 1e-4, dtyp
     try:
         tmp.mkdir()  # not mkdtemp: that makes a private (0700) folder, and this one becomes `out`
         log(f"saving the merged model (fp32) to {tmp} ...")
-        if family.own_implementation:  # a run's data.max_slice_nums lives in its processor; config.json must agree
-            merged.config.set_max_slice_nums(processor.image_processor.max_slice_nums)
         save_merged(merged, processor, tmp)
         copied = _copy_remote_code(base_path, tmp) if "auto_map" in json.loads((tmp / "config.json").read_text()) else []
         del merged

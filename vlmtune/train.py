@@ -31,10 +31,9 @@ from vlmtune.data.sample import Sample
 from vlmtune.data.load import load_data
 from vlmtune.errors import BadSampleError, ConfigError, Stopped
 from vlmtune.fileio import clean_stale_temps
-from vlmtune.kernels import resolve_attention, resolve_liger
-from vlmtune.models import family_for
-from vlmtune.models.family import read_model_type
-from vlmtune.models.load import load_model, load_processor, model_class, pick_dtype, resolve_model_path
+from vlmtune.kernels import resolve_liger
+from vlmtune.models.load import pick_dtype
+from vlmtune.parts import run_parts
 from vlmtune.run_guard import DivergenceGuard, GracefulStop, GuardedSamples
 from vlmtune.runlock import RunLock, describe_previous
 from vlmtune.scoring import first_items
@@ -218,20 +217,14 @@ def _train(config: RunConfig, out: Path, callbacks: list[TrainerCallback] | None
         log(f"{out} is finished (final/ is written); nothing to do. Raise train.max_steps or train.epochs "
             "to train it further.")
         return out
-    path = resolve_model_path(config.model.name_or_path, config.model.hub, config.model.revision)
-    family = family_for(path)
-    check_config(config, family)  # train.cache_vision_features: refused before anything loads
-    if config.data.packing:  # refused before anything loads, as are kernels that cannot run here
-        check_packable(family.name)
+    if config.data.packing:  # refused before anything loads
         pack_length(config.data)
-    dtype = pick_dtype(config.model.dtype)
-    attention, attention_why = resolve_attention(config.model.attn_implementation, dtype, model_class(path, family))
-    use_liger, liger_why = resolve_liger(config.train.liger_kernel, read_model_type(path))
-    processor = load_processor(path, family, config.data.min_pixels, config.data.max_pixels,
-                               config.model.trust_remote_code, config.data.max_slice_nums)
-    encoder = Encoder(processor, family, prompt=config.data.prompt, system_prompt=config.data.system_prompt,
-                      image_size=tuple(config.data.image_size) if config.data.image_size else None,
-                      max_length=config.data.max_length)
+    parts = run_parts(config, training=True)  # model folder, family, processor, encoder, dtype, attention
+    family, processor, encoder, dtype = parts.family, parts.processor, parts.encoder, parts.dtype
+    check_config(config, family)  # train.cache_vision_features: refused before the data is read
+    if config.data.packing:
+        check_packable(family.name)
+    use_liger, liger_why = resolve_liger(config.train.liger_kernel, parts.model_type)
 
     out.mkdir(parents=True, exist_ok=True)
     train_samples, val_samples = load_data(config)
@@ -245,10 +238,8 @@ def _train(config: RunConfig, out: Path, callbacks: list[TrainerCallback] | None
     # Seed before the adapters are created: their random init must follow train.seed, not
     # whatever ran before in this process (Trainer seeds only once the model exists).
     set_seed(config.train.seed)
-    model = load_model(path, dtype, quantization, config.model.trust_remote_code, attention)
-    if config.data.max_slice_nums and family.own_implementation:  # saved folders must agree with their processor
-        model.config.set_max_slice_nums(config.data.max_slice_nums)
-    log(f"attention: {model.config._attn_implementation} ({attention_why}); "
+    model = parts.load_model(quantization)
+    log(f"attention: {model.config._attn_implementation} ({parts.attention_why}); "
         f"Liger kernels: {'on' if use_liger else 'off'} ({liger_why})")
     if config.data.packing:
         check_packing_attention(model.config._attn_implementation)
@@ -264,9 +255,6 @@ def _train(config: RunConfig, out: Path, callbacks: list[TrainerCallback] | None
 
     if is_main_process():
         start_trackers(config, out)
-    pad_id = processor.tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = processor.tokenizer.eos_token_id
     stopper = GracefulStop(log)
     callbacks = [JsonlMetrics(out / "metrics.jsonl"), stopper, *(callbacks or [])]
     if vision_cache is not None:
@@ -276,7 +264,7 @@ def _train(config: RunConfig, out: Path, callbacks: list[TrainerCallback] | None
     policy = config.data.on_bad_sample
     train_data = GuardedSamples(EncodedDataset(train_samples, encoder, cache=cache, image_keys=keys), train_samples,
                                 policy, out / "rejected_train.jsonl", substitute=not config.data.packing)
-    collator = Collator(pad_id, concat_dims=family.concat_dims)
+    collator = Collator(parts.pad_id, concat_dims=family.concat_dims)
     if config.data.packing:  # vlmtune/data/packing.py
         train_data, packing_summary = packed_dataset(train_data, train_lengths, pack_length(config.data),
                                                      config.train.seed)

@@ -19,7 +19,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from vlmtune.data.sample import IMAGE, Sample
-from vlmtune.errors import DataError, VlmtuneError
+from vlmtune.errors import DataError
 from vlmtune.fileio import atomic_write_text
 
 MAX_LISTED = 20
@@ -147,47 +147,3 @@ def apply_policy(samples: list[Sample], report: CheckReport, policy: str, reject
     if not kept:
         raise DataError(f"every sample was rejected; see {rejected_path}")
     return kept
-
-
-def check_command(data: str, model: str | None = None, max_length: int | None = None, prompt: str | None = None,
-                  format: str | None = None, image_size: list[int] | None = None,
-                  max_pixels: int | None = None, max_slice_nums: int | None = None, rejected: str | None = None,
-                  trust_remote_code: bool = False) -> int:
-    """Pre-flight check of a dataset; exits 1 when a sample has a problem.
-
-    Args:
-        data: Dataset file (JSON, JSONL or CSV in any supported format).
-        model: Model folder or hub id; with it, token lengths are measured with the model's own processor.
-        max_length: Flag samples longer than this many tokens (images included); needs --model.
-        prompt: Text appended to user turns that hold only images (as data.prompt in a config).
-        format: Force the input format (minicpm, qwen, messages, llava, csv) instead of detecting it.
-        image_size: Fixed resize WIDTH HEIGHT applied to every image before counting tokens.
-        max_pixels: Per-image pixel budget (Qwen families).
-        max_slice_nums: Most slices per image (MiniCPM-V 2.x), as data.max_slice_nums in a config.
-        rejected: Also write the bad records to this JSONL file.
-        trust_remote_code: Run the Python files of the model folder (read them first) when its processor needs them.
-    """
-    from vlmtune.data.formats import load_samples
-
-    samples = load_samples(data, format)
-    encoder = None
-    if model is not None:
-        from vlmtune.data.encode import Encoder
-        from vlmtune.models import family_for
-        from vlmtune.models.load import load_processor, resolve_model_path
-
-        path = resolve_model_path(model)
-        family = family_for(path)
-        processor = load_processor(path, family, max_pixels=max_pixels, max_slice_nums=max_slice_nums,
-                                   trust_remote_code=trust_remote_code)
-        encoder = Encoder(processor, family, prompt=prompt,
-                          image_size=tuple(image_size) if image_size else None)
-    elif max_length is not None:
-        raise VlmtuneError("--max-length needs --model: token lengths are measured with the model's processor")
-    report = check_samples(samples, encoder, max_length)
-    if report.problems:
-        print(report.listing())
-    print(report.summary())
-    if rejected and report.problems:
-        print(f"bad records written to {write_rejected(samples, report, Path(rejected))}")
-    return 1 if report.problems else 0

@@ -21,7 +21,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from vlmtune.data.sample import IMAGE, Sample
-from vlmtune.errors import DataError, VlmtuneError
+from vlmtune.errors import DataError
 
 PERCENTILES = (50, 90, 95, 99)
 
@@ -152,48 +152,3 @@ def plot_tokens(tokens: list[int], path: str | Path, max_length: int | None = No
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     return path
-
-
-def stats_command(data: str, model: str | None = None, max_length: int | None = None, plot: str | None = None,
-                  prompt: str | None = None, format: str | None = None, max_pixels: int | None = None,
-                  max_slice_nums: int | None = None, trust_remote_code: bool = False) -> int:
-    """Sample, turn, image and text-length statistics; token lengths and a histogram with --model.
-
-    Args:
-        data: Dataset file (JSON, JSONL or CSV in any supported format).
-        model: Model folder or hub id; with it, token lengths per sample are measured with the
-            model's own processor (chat template and image tokens included).
-        max_length: Say how many samples are longer than this many tokens; needs --model.
-        plot: Where to write the token-length histogram (PNG); default DATA_STEM.tokens.png beside
-            the data. Needs --model.
-        prompt: Text appended to user turns that hold only images (as data.prompt in a config).
-        format: Force the input format (minicpm, qwen, messages, llava, csv) instead of detecting it.
-        max_pixels: Per-image pixel budget (Qwen families), as in the training config.
-        max_slice_nums: Most slices per image (MiniCPM-V 2.x), as data.max_slice_nums in the training config.
-        trust_remote_code: Run the Python files of the model folder (read them first) when its processor needs them.
-    """
-    from vlmtune.data.formats import read_dataset
-
-    if model is None and (max_length is not None or plot is not None):
-        raise VlmtuneError("--max-length and --plot need --model: token lengths are measured with the model's processor")
-    samples, fmt = read_dataset(data, format)
-    encoder = None
-    if model is not None:
-        from vlmtune.data.encode import Encoder
-        from vlmtune.models import family_for
-        from vlmtune.models.load import load_processor, resolve_model_path
-
-        path = resolve_model_path(model)
-        family = family_for(path)
-        processor = load_processor(path, family, max_pixels=max_pixels, max_slice_nums=max_slice_nums,
-                                   trust_remote_code=trust_remote_code)
-        encoder = Encoder(processor, family, prompt=prompt)
-    stats = compute_stats(samples, encoder)
-    print(f"{data}: {stats.n_samples} samples ({fmt})")
-    print(format_stats(stats, max_length, model))
-    if stats.tokens:
-        data_path = Path(data)
-        target = Path(plot) if plot is not None else data_path.with_name(f"{data_path.stem}.tokens.png")
-        plot_tokens(stats.tokens, target, max_length, title=f"{data_path.name}: {len(stats.tokens)} samples")
-        print(f"histogram:      {target}")
-    return 0

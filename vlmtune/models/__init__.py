@@ -1,4 +1,5 @@
-"""Model families. `family_for(path)` reads `config.json`'s model_type and returns its `Family`."""
+"""Model families. `family_for(path)` reads `config.json`'s model_type and returns its `Family`;
+`family_of(config, path)` does the same for a config.json already read."""
 
 from __future__ import annotations
 
@@ -25,7 +26,11 @@ def family_for(path: str | Path) -> Family:
         VlmtuneError: no readable config.json, a text-only language model, or a MiniCPM-V version
             vlmtune does not implement.
     """
-    config = read_model_config(path)
+    return family_of(read_model_config(path), path)
+
+
+def family_of(config: dict, path: str | Path) -> Family:
+    """The family of a checkpoint whose `config.json` (in folder `path`) reads as `config`."""
     if config["model_type"] in minicpmv2.MODEL_TYPES:  # one model_type, several architectures
         return FAMILIES[detect_arch(config, where=str(Path(path) / "config.json"))]
     if config["model_type"] in FAMILIES:
@@ -34,4 +39,4 @@ def family_for(path: str | Path) -> Family:
     return generic.FAMILY
 
 
-__all__ = ["FAMILIES", "Family", "family_for"]
+__all__ = ["FAMILIES", "Family", "family_for", "family_of"]

@@ -95,15 +95,20 @@ def warn_remote_code(path: Path) -> None:
           file=sys.stderr, flush=True)
 
 
-def _check_remote_code(path: Path, trust_remote_code: bool) -> None:
+def _check_remote_code(path: Path, trust_remote_code: bool, config: dict | None = None) -> None:
     """Refuse a model that exists only as remote code unless remote code was enabled; when it
-    was, list the files it runs."""
+    was, list the files it runs.
+
+    Args:
+        config: `path`'s config.json, if the caller has read it already.
+    """
     if trust_remote_code:
         warn_remote_code(path)
         return
-    if not (path / "config.json").is_file():  # a LoRA checkpoint folder has a processor but no config.json
-        return
-    config = json.loads((path / "config.json").read_text())
+    if config is None:
+        if not (path / "config.json").is_file():  # a LoRA checkpoint folder has a processor but no config.json
+            return
+        config = json.loads((path / "config.json").read_text())
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     if config.get("model_type") not in CONFIG_MAPPING and "auto_map" in config:
@@ -115,12 +120,13 @@ def _check_remote_code(path: Path, trust_remote_code: bool) -> None:
 
 
 def load_processor(path: Path, family: Family, min_pixels: int | None = None, max_pixels: int | None = None,
-                   trust_remote_code: bool = False, max_slice_nums: int | None = None):
+                   trust_remote_code: bool = False, max_slice_nums: int | None = None, model_config: dict | None = None):
     """The processor in `path` (a model folder, or a checkpoint folder vlmtune saved one into).
 
     Args:
         min_pixels, max_pixels: per-image pixel budget (Qwen families).
         max_slice_nums: most slices per image (MiniCPM-V 2.x); None keeps the checkpoint's.
+        model_config: `path`'s config.json, if the caller has read it already.
     """
     if family.own_implementation:  # vlmtune's own processor reads the folder as data; its Python files never run
         from vlmtune.models.minicpmv.processing import load_minicpm_processor
@@ -128,7 +134,7 @@ def load_processor(path: Path, family: Family, min_pixels: int | None = None, ma
         return load_minicpm_processor(path, max_slice_nums=max_slice_nums)
     from transformers import AutoProcessor
 
-    _check_remote_code(Path(path), trust_remote_code)  # processors can be remote code too, and load first
+    _check_remote_code(Path(path), trust_remote_code, model_config)  # processors can be remote code too, and load first
     kwargs = {}
     if family.pixel_budget:
         if min_pixels:
@@ -141,8 +147,12 @@ def load_processor(path: Path, family: Family, min_pixels: int | None = None, ma
     return processor
 
 
-def model_class(path: Path, family: Family) -> type:
-    """The class `load_model` loads `path` with (read from config.json, nothing imported from the folder)."""
+def model_class(path: Path, family: Family, model_config: dict | None = None) -> type:
+    """The class `load_model` loads `path` with (read from config.json, nothing imported from the folder).
+
+    Args:
+        model_config: `path`'s config.json, if the caller has read it already.
+    """
     if family.own_implementation:
         from vlmtune.models.minicpmv.modeling import MiniCPMVForConditionalGeneration
 
@@ -150,7 +160,8 @@ def model_class(path: Path, family: Family) -> type:
     from transformers import AutoModelForImageTextToText
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
-    name = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(json.loads((Path(path) / "config.json").read_text())["model_type"])
+    config = model_config if model_config is not None else json.loads((Path(path) / "config.json").read_text())
+    name = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(config["model_type"])
     if name is None:
         return AutoModelForImageTextToText  # remote code: only trust_remote_code would tell
     import transformers
@@ -159,21 +170,23 @@ def model_class(path: Path, family: Family) -> type:
 
 
 def load_model(path: Path, dtype: torch.dtype, quantization: str | None = None, trust_remote_code: bool = False,
-               attn_implementation: str | None = None, device_map=None):
+               attn_implementation: str | None = None, device_map=None, family: Family | None = None,
+               model_config: dict | None = None):
     """The model in `path`: an `AutoModelForImageTextToText`, or vlmtune's own class for the families
     it implements itself (MiniCPM-V 2.x), whatever Python files the folder holds.
 
     Args:
         quantization: None, "4bit" or "8bit" (QLoRA, through bitsandbytes on a CUDA device).
+        family, model_config: `path`'s family and config.json, if the caller has them already.
     """
     from transformers import AutoModelForImageTextToText
 
-    if family_for(path).own_implementation:
+    if (family or family_for(path)).own_implementation:
         from vlmtune.models.minicpmv.modeling import MiniCPMVForConditionalGeneration as model_class
         kwargs: dict = {"dtype": dtype}
     else:
         model_class = AutoModelForImageTextToText
-        _check_remote_code(path, trust_remote_code)
+        _check_remote_code(path, trust_remote_code, model_config)
         kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
