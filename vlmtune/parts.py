@@ -1,6 +1,6 @@
 """A run's parts, resolved once from its config: the model folder and family, the model's
 `config.json` (read here, once), the processor with the run's image settings, the encoder, the
-dtype and the attention kernel.
+dtype and the attention kernel (the processor and encoder load on first use).
 
     parts = run_parts(config)                 # train, data check, data stats, merge
     parts = run_parts(target.config, model=target.model)   # eval, predict, chat, serve, ui
@@ -19,6 +19,7 @@ applies it.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -37,12 +38,19 @@ class RunParts:
     model_path: Path  # local folder of the weights to load (a hub id resolved to its snapshot)
     family: Family
     model_config: dict  # `model_path/config.json`, as read once by `run_parts`
-    processor: object
-    encoder: Encoder
     dtype: torch.dtype
     attention: str | None  # `attn_implementation` to load with (None: transformers' default)
     attention_why: str
     training: bool
+
+    @cached_property
+    def processor(self):
+        """Loaded on first use, so that checks of the family's capabilities come before it."""
+        return _processor(self.model_path, self.family, self.config, self.model_config)
+
+    @cached_property
+    def encoder(self) -> Encoder:
+        return build_encoder(self.config, self.processor, self.family, self.training)
 
     @property
     def model_type(self) -> str:
@@ -66,9 +74,10 @@ class RunParts:
         processor is reloaded only when the image settings differ."""
         d, mine = config.data, self.config.data
         same = (d.min_pixels, d.max_pixels, d.max_slice_nums) == (mine.min_pixels, mine.max_pixels, mine.max_slice_nums)
-        processor = self.processor if same else _processor(self.model_path, self.family, config, self.model_config)
-        return replace(self, config=config, processor=processor,
-                       encoder=build_encoder(config, processor, self.family, self.training))
+        parts = replace(self, config=config)
+        if same:
+            parts.processor = self.processor  # fills the cached property
+        return parts
 
 
 def build_encoder(config: RunConfig, processor, family: Family, limit_length: bool = True) -> Encoder:
@@ -111,6 +120,4 @@ def run_parts(config: RunConfig, model: str | Path | None = None, *, training: b
     attention, why = None, "transformers' default"
     if training:
         attention, why = resolve_attention(m.attn_implementation, dtype, model_class(path, family, model_config))
-    processor = _processor(path, family, config, model_config)
-    return RunParts(config, path, family, model_config, processor, build_encoder(config, processor, family, training),
-                    dtype, attention, why, training)
+    return RunParts(config, path, family, model_config, dtype, attention, why, training)

@@ -219,12 +219,13 @@ def _train(config: RunConfig, out: Path, callbacks: list[TrainerCallback] | None
         return out
     if config.data.packing:  # refused before anything loads
         pack_length(config.data)
-    parts = run_parts(config, training=True)  # model folder, family, processor, encoder, dtype, attention
-    family, processor, encoder, dtype = parts.family, parts.processor, parts.encoder, parts.dtype
-    check_config(config, family)  # train.cache_vision_features: refused before the data is read
+    parts = run_parts(config, training=True)  # model folder, family, dtype, attention; config.json read once
+    family, dtype = parts.family, parts.dtype
+    check_config(config, family)  # what the family cannot do is refused before its processor loads
     if config.data.packing:
         check_packable(family.name)
     use_liger, liger_why = resolve_liger(config.train.liger_kernel, parts.model_type)
+    processor, encoder = parts.processor, parts.encoder
 
     out.mkdir(parents=True, exist_ok=True)
     train_samples, val_samples = load_data(config)
