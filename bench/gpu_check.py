@@ -100,8 +100,10 @@ def run_figures(work: Path, smoke: bool, cuda: bool, n: int, steps: int, warmup:
     """One row per entry of RUNS: its figures, or why not."""
     rows, prepared = [], {}
     for name, family, pipeline, method, dtype, needs in RUNS:
-        row = {"check": name, "family": family, "pipeline": pipeline, "method": method,
-               "dtype": dtype if cuda else "fp32"}
+        if not cuda:  # the CPU computes in fp32
+            name, dtype = name.replace(f", {dtype}", ", fp32") if "cuda" not in needs else name, (
+                dtype if "cuda" in needs else "fp32")
+        row = {"check": name, "family": family, "pipeline": pipeline, "method": method, "dtype": dtype}
         why = missing(needs, cuda)
         if why is None and time.time() > deadline:
             why = "time budget"
@@ -142,17 +144,17 @@ def table(tests: list[dict], runs: list[dict]) -> str:
     def mem(value) -> str:
         return f"{value / gib:.1f} GiB" if value else "-"
 
-    lines = [f"{'check':62} {'status':8} {'samples/s':>9} {'MFU':>6} {'peak mem':>9} {'plan':>9} {'seconds':>7}",
-             "-" * 116]
+    lines = [f"{'check':72} {'status':8} {'samples/s':>9} {'MFU':>6} {'peak mem':>9} {'plan':>9} {'seconds':>7}",
+             "-" * 126]
     for t in tests:
-        lines.append(f"{t['test'][-62:]:62} {t['outcome']:8} {'':>9} {'':>6} {'':>9} {'':>9} {t['seconds']:7.1f}"
+        lines.append(f"{Path(t['test']).name[:72]:72} {t['outcome']:8} {'':>9} {'':>6} {'':>9} {'':>9} {t['seconds']:7.1f}"
                      + (f"  {t['message'][:60]}" if t["outcome"] != "passed" and t["message"] else ""))
     for r in runs:
         if r["status"] != "ok":
-            lines.append(f"{r['check'][:62]:62} {r['status']:8} {r.get('message', '')[:60]}")
+            lines.append(f"{r['check'][:72]:72} {r['status']:8} {r.get('message', '')[:60]}")
             continue
         mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
-        lines.append(f"{r['check'][:62]:62} {'ok':8} {r['samples_per_s']:9.2f} {mfu:>6} "
+        lines.append(f"{r['check'][:72]:72} {'ok':8} {r['samples_per_s']:9.2f} {mfu:>6} "
                      f"{mem(r.get('peak_memory_bytes')):>9} {mem(r.get('plan_tensor_bytes')):>9} {r['seconds']:7.1f}")
     return "\n".join(lines)
 
