@@ -41,6 +41,7 @@ bench: $(STAMP)
 
 gpu-check: $(STAMP)
 	$(VENV)/bin/pip install -q $(GPU_PIP_ARGS) -e '.[deepspeed,qlora]' || echo "gpu-check: DeepSpeed/bitsandbytes not installed; their checks will say skipped"
+	$(VENV)/bin/pip install -q $(GPU_PIP_ARGS) --only-binary=:all: flash-attn || echo "gpu-check: no flash-attn wheel (it is never compiled here); its check will say skipped"
 	$(VENV)/bin/python bench/gpu.py --check
 
 clean:

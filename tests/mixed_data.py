@@ -4,9 +4,11 @@ order in which two processes (one sample each per step) and one process (two per
 Eight samples, so that `LengthGroupedSampler` cuts the same order for a batch of 2 on one process as
 for a batch of 1 on each of two: its mega-batches hold min(n // (4 * batch), 50) * batch samples,
 2 either way (n = 8). Step k then trains on samples order[2k] and order[2k + 1], on one process
-padded into one batch, on two as one sample per rank (rank 0 the first). transformers normalises the
-loss by the label tokens of the whole step across ranks (`average_tokens_across_devices`), so both
-runs compute the same loss and gradients, up to float rounding: same loss curve.
+padded into one batch, on two as one sample per rank (rank 0 the first). For a model that takes the
+step's token count (Qwen2-VL, vlmtune's MiniCPM-V; not Qwen2.5-VL or Qwen3-VL, which transformers marks
+`accepts_loss_kwargs = False`), the Trainer normalises the loss by the label tokens of the whole step
+across ranks (`average_tokens_across_devices`), so both runs compute the same loss and gradients, up to
+float rounding: same loss curve.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The zero-contribution vision pass (vlmtune/distributed.py) in one process, and train.fsdp's checks.
 
 For each family whose `dummy_vision_pass` is "hook" (Qwen2-VL, Qwen2.5-VL, Qwen3-VL and MiniCPM-V 4.6
-through transformers' classes), with the vision tower and projector trained fully beside LoRA:
+through transformers' classes; the generic path on a tiny LLaVA), with the vision tower and projector trained fully beside LoRA:
 - a batch with images: loss and every gradient are bit-identical with and without the pass (it
   does not run);
 - a text-only batch: the loss is bit-identical, the gradients of everything else too, and every
@@ -108,6 +108,50 @@ def test_pass_changes_no_loss_or_gradient_and_gives_vision_zero_gradients(name, 
     with torch.no_grad():
         model(**text_only)
     assert vision_pass.runs == 0
+
+
+def test_generic_path_on_a_tiny_llava():
+    # The generic family (any AutoModelForImageTextToText): a LLaVA with a CLIP tower and its real image
+    # processor. With the pass, a text-only batch gives a gradient to every vision parameter an image
+    # batch gives one to.
+    from types import SimpleNamespace
+
+    from PIL import Image
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration,
+                              Qwen2Config)
+
+    from vlmtune.models.generic import FAMILY
+
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=28, patch_size=14, projection_dim=32)
+    text = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=1, layer_types=["full_attention"] * 2)
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_id=63))
+    config = load_config(None, ["train.freeze_vision=false", "train.freeze_projector=false", "lora.r=4",
+                                "lora.dropout=0.0", "lora.targets=[q_proj,v_proj]"])
+    model = prepare_model(model, FAMILY, config.train, config.lora)
+    model.train()
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    pixels = image_processor(images=[Image.new("RGB", (28, 28), "red")], return_tensors="pt")["pixel_values"]
+    text_only = {"input_ids": torch.tensor([[1, 2, 3, 4, 5, 6]])}
+    with_image = {"input_ids": torch.tensor([[1, 63, 63, 63, 63, 5, 6]]), "pixel_values": pixels}
+    for batch in (text_only, with_image):
+        batch["labels"] = batch["input_ids"]
+    vision = vision_names(model, FAMILY)
+
+    plain_loss, plain = step(model, text_only)
+    vision_pass = VisionPass(model, FAMILY, SimpleNamespace(image_processor=image_processor))
+    assert vision_pass.problem is None and set(vision_pass.inputs) == {"pixel_values"}
+    loss, hooked = step(model, text_only)
+    _, imaged = step(model, with_image)
+    assert vision_pass.runs == 1 and torch.equal(loss, plain_loss)
+    assert all(plain[n] is None for n in vision)
+    # every vision parameter an image batch reaches gets a (zero) gradient from the pass; the pass may reach
+    # more (it sums every output of get_image_features, the last layer's too, which LLaVA does not read)
+    reached = {n for n in vision if imaged[n] is not None}
+    assert reached and reached <= {n for n in vision if hooked[n] is not None}
+    assert all(not hooked[n].any() for n in vision if hooked[n] is not None)
 
 
 def test_frozen_vision_on_one_process_needs_no_pass(tiny_qwen2_vl, batches):
