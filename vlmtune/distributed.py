@@ -20,6 +20,10 @@ says whether this applies (`Family.dummy_vision_pass`: "hook" here, "model" wher
 code does it, None where neither works). A batch with fewer images than another rank's needs nothing:
 the images it has run through every vision parameter.
 
+Only training batches get it, never generation (whose decoding steps carry no image tokens) and so
+not evaluation either: under ZeRO-3 or FSDP an evaluation-loss batch without images on some ranks
+only can still stall; give every validation sample an image there, or leave data.val out.
+
 `VLMTUNE_NO_VISION_PASS=1` leaves the pass out. It exists for one purpose: the tests' negative
 control, which shows that the same DDP run without it fails.
 """
@@ -98,9 +102,9 @@ def blank_image_inputs(processor, model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 class VisionPass:
-    """The zero-contribution vision pass (module docstring), as two hooks on the model: it reads the
-    token ids going into the input embeddings and, for a training batch without image or video
-    tokens, adds `0 * sum(get_image_features(blank image))` to their output.
+    """The zero-contribution vision pass (module docstring), as a forward hook on the input embeddings:
+    it reads the token ids going in and, for a training batch without image or video tokens, adds
+    `0 * sum(get_image_features(blank image))` to the embeddings coming out.
 
     Active while the model trains and either a vision or projector parameter trains or several
     processes train (their parameters may be sharded: ZeRO-3 and FSDP gather them even when frozen).
