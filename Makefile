@@ -2,6 +2,8 @@
 # make test   - the CPU test suite (offline, minutes), the fault and resume cases included
 # make test-fast - the same without the long end-to-end runs (marked `long`); under 3 minutes
 # make bench  - benchmarks under bench/ (not part of the tests)
+# make gpu-check - on a CUDA machine: the `gpu`-marked tests and bench/gpu.py --check (quick figures), one table,
+#               bench/results/gpu_check.json; GPU_PIP_ARGS="--no-index --find-links .whl" installs the extras offline
 # Each target creates .venv and installs vlmtune with pinned dependencies first, if needed.
 
 PYTHON ?= python3
@@ -9,7 +11,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +38,11 @@ bench: $(STAMP)
 	$(VENV)/bin/python bench/vision_cache.py
 	$(VENV)/bin/python bench/plan_validation.py
 	$(VENV)/bin/python bench/plan_published.py
+
+gpu-check: $(STAMP)
+	$(VENV)/bin/pip install -q $(GPU_PIP_ARGS) -e '.[deepspeed,qlora]' || echo "gpu-check: DeepSpeed/bitsandbytes not installed; their checks will say skipped"
+	$(VENV)/bin/pip install -q $(GPU_PIP_ARGS) --only-binary=:all: flash-attn || echo "gpu-check: no flash-attn wheel (it is never compiled here); its check will say skipped"
+	$(VENV)/bin/python bench/gpu.py --check
 
 clean:
 	rm -rf demo_out .pytest_cache

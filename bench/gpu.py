@@ -81,6 +81,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -278,7 +279,9 @@ def model_shape(model) -> dict:
         lookup = any(k in name for k in ("embed_tokens", "position_embedding", "pos_embed"))
         if part is None or "lora_" in name or lookup:
             continue
-        counts[part] += p.numel()
+        # a bitsandbytes 4-bit weight (QLoRA) stores two values per byte; its quant_state knows the shape
+        shape = getattr(getattr(p, "quant_state", None), "shape", None)
+        counts[part] += math.prod(shape) if shape is not None else p.numel()
         if p.requires_grad:
             trained.add(part)
     if not any(".lm_head." in f".{n}" for n, _ in named):  # tied head: the embedding matrix, used as a matmul
@@ -404,10 +407,9 @@ def run_seed(model_dir: str, work: Path, method: str, steps: int, callbacks: lis
             callbacks=callbacks).train()
 
 
-def run_vlmtune(spec: dict, work: Path, packed: bool, callbacks: list, dtype_name: str) -> None:
-    """`vlmtune train` on the Qwen model (padded batches grouped by length, or packed)."""
+def qwen_run_config(spec: dict, work: Path, packed: bool, dtype_name: str):
+    """The `vlmtune train` config of a Qwen run (padded batches grouped by length, or packed)."""
     from vlmtune.config import load_config
-    from vlmtune.train import train
 
     longest, steps = spec["longest"], spec["steps"]
     overrides = [
@@ -421,7 +423,14 @@ def run_vlmtune(spec: dict, work: Path, packed: bool, callbacks: list, dtype_nam
         overrides += ["data.packing=true", f"data.pack_length={BATCH * longest}", "train.batch_size=1"]
     else:
         overrides += [f"train.batch_size={BATCH}", "data.group_by_length=true"]
-    train(load_config(None, overrides), callbacks=callbacks)
+    return load_config(None, overrides)
+
+
+def run_vlmtune(spec: dict, work: Path, packed: bool, callbacks: list, dtype_name: str) -> None:
+    """`vlmtune train` on the Qwen model (padded batches grouped by length, or packed)."""
+    from vlmtune.train import train
+
+    train(qwen_run_config(spec, work, packed, dtype_name), callbacks=callbacks)
 
 
 def minicpm_run_config(spec: dict, work: Path, dtype_name: str):
@@ -448,7 +457,7 @@ def run_one(spec: dict) -> dict:
     for folder in outputs:
         shutil.rmtree(work / folder, ignore_errors=True)
     cuda = torch.cuda.is_available()
-    dtype_name = "bf16" if cuda else "fp32"
+    dtype_name = spec.get("dtype") or ("bf16" if cuda else "fp32")
     meter = StepMeter()
     try:
         if pipeline == "seed":
@@ -495,16 +504,30 @@ def run_one(spec: dict) -> dict:
         "model_tflops_per_s": total["flops"] / seconds / 1e12,
         "mfu": total["flops"] / seconds / peak if peak else None,
         "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+        "plan_tensor_bytes": plan_estimate(spec, work, dtype_name) if pipeline.startswith("vlmtune") else None,
         "peak_bf16_flops": peak,
         "steps": spec["steps"], "timed_steps": len(timed), **meter.shape,
     }
+
+
+def plan_estimate(spec: dict, work: Path, dtype_name: str) -> int:
+    """`vlmtune plan`'s estimate of the peak tensor memory of this run (what `max_memory_allocated` reports)."""
+    import torch
+
+    from vlmtune.plan import make_plan
+
+    if spec["family"] == "minicpmv2_6":
+        config = minicpm_run_config(spec, work, dtype_name)
+    else:
+        config = qwen_run_config(spec, work, spec["pipeline"] == "vlmtune_packed", dtype_name)
+    return make_plan(config, device="cuda" if torch.cuda.is_available() else "cpu").estimate.tensors
 
 
 # --- the parent -----------------------------------------------------------------------------
 
 def run_in_child(spec: dict, work: Path) -> dict:
     """`run_one(spec)` in a fresh process; its output goes to a log file in `work`."""
-    name = f"{spec['family']}_{spec['pipeline']}_{spec['method']}"
+    name = f"{spec['family']}_{spec['pipeline']}_{spec['method']}" + (f"_{spec['dtype']}" if spec.get("dtype") else "")
     result = work / f"result_{name}.json"
     result.unlink(missing_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -575,7 +598,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="enlarge MiniCPM's formula images this many times (8: most are sliced)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak, if not known")
     parser.add_argument("--work", help="folder for the models and data (default: a temporary one)")
-    parser.add_argument("--out", default=str(RESULTS), help="the JSON results file")
+    parser.add_argument("--out", default=None, help="the JSON results file (default bench/results/gpu.json; "
+                                                      "--check: bench/results/gpu_check.json)")
+    parser.add_argument("--check", action="store_true",
+                        help="`make gpu-check`: the gpu-marked tests and quick figures, one table, gpu_check.json "
+                             "(bench/gpu_check.py)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -583,6 +610,11 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.result).write_text(json.dumps(run_one(json.loads(args.child)), indent=2))
         return 0
 
+    if args.check:
+        sys.path.insert(0, str(ROOT / "bench"))
+        from gpu_check import run_check
+
+        return run_check(args)
     import torch
 
     if not args.smoke and not torch.cuda.is_available():
@@ -639,7 +671,7 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(table(results))
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or 'cpu'})"
-        out = Path(args.out)
+        out = Path(args.out or RESULTS)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(".tmp")
         tmp.write_text(json.dumps({

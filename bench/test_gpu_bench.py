@@ -68,6 +68,46 @@ def test_without_cuda_it_skips_in_one_line(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.long
+def test_gpu_check_smoke_reports_tests_and_runs_in_one_table(tmp_path):
+    # `make gpu-check`'s code path on CPU: the gpu-marked tests it stands for run (and skip, saying why),
+    # the Qwen and MiniCPM runs give figures and the plan's estimate, the CUDA-only runs say so
+    out = tmp_path / "gpu_check.json"
+    result = subprocess.run([sys.executable, str(SCRIPT), "--check", "--smoke", "--work", str(tmp_path / "work"),
+                             "--out", str(out)], cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["smoke"] is True and report["failed"] == []
+    tests = {t["test"].split("::")[-1]: t for t in report["tests"]}
+    assert {"test_flash_attention_varlen_isolates_packed_samples",
+            "test_zero3_with_text_only_batches_and_trained_vision"} <= set(tests)
+    if not torch.cuda.is_available():
+        assert all(t["outcome"] == "skipped" and "CUDA" in t["message"] for t in tests.values())
+    runs = {r["check"]: r for r in report["runs"]}
+    assert [r["status"] for r in report["runs"]] == ["ok", "ok", "skipped", "skipped", "ok"] or torch.cuda.is_available()
+    for r in report["runs"]:
+        if r["status"] == "ok":
+            assert r["samples_per_s"] > 0 and r["timed_steps"] == report["settings"]["steps"] - 1
+            if r["pipeline"].startswith("vlmtune"):  # `vlmtune plan`'s estimate of the same run
+                assert r["plan_tensor_bytes"] > 0
+        else:
+            assert r["message"] == "needs CUDA"
+    assert {r["family"] for r in runs.values() if r["status"] == "ok"} == {"qwen2_vl", "minicpmv2_6"}
+    lines = result.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("check "))
+    assert all(any(line.startswith(name) for line in lines[header:]) for name in runs)  # one table, every row
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is here: the check would run")
+def test_gpu_check_without_cuda_skips_in_one_line(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    result = subprocess.run([sys.executable, str(SCRIPT), "--check", "--out", str(out)], cwd=ROOT, env=clean_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and not out.exists()
+    assert result.stdout.strip().splitlines() == ["bench/gpu.py --check: no CUDA device here, skipped (use --smoke "
+                                                  "to exercise it on CPU)"]
+
+
 def test_the_2b_architecture_has_the_published_size():
     # Built on the meta device: shapes only, no memory. Qwen2-VL-2B-Instruct's model card states
     # 2.21B parameters; the config values in bench/gpu.py give exactly:

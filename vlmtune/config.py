@@ -102,6 +102,7 @@ class TrainConfig:
     output_dir: str = "runs/run"  # the run folder
     resume: bool | str = False  # true: the newest complete checkpoint in output_dir; or a checkpoint path
     deepspeed: str | None = None  # DeepSpeed JSON config (configs/deepspeed/zero2.json, zero3.json)
+    fsdp: str | None = None  # FSDP JSON config, transformers' fsdp_config (configs/fsdp/full_shard.json, ...); not with deepspeed
     project: str = "vlmtune"  # tracker project name
     run_name: str | None = None
 

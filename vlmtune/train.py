@@ -29,6 +29,7 @@ from vlmtune.data.encode_cache import EncodeCache
 from vlmtune.data.packing import PackingCollator, check_packable, check_packing_attention, pack_length, packed_dataset
 from vlmtune.data.sample import Sample
 from vlmtune.data.load import load_data
+from vlmtune.distributed import fsdp_settings
 from vlmtune.errors import BadSampleError, ConfigError, Stopped
 from vlmtune.fileio import clean_stale_temps
 from vlmtune.kernels import resolve_liger
@@ -115,6 +116,7 @@ def training_arguments(config: RunConfig, out: Path, has_val: bool, use_liger: b
         report_to=report_to,
         seed=t.seed,
         deepspeed=t.deepspeed,
+        fsdp=bool(t.fsdp), fsdp_config=fsdp_settings(t),  # vlmtune/distributed.py reads and checks train.fsdp
         # Several processes without CUDA (torchrun on CPU): accelerate sets up gloo DDP only when told
         # to use the CPU; otherwise each process trains its own copy, with no gradient all-reduce.
         use_cpu=cpu_ddp,
@@ -198,6 +200,7 @@ def train(config: RunConfig, callbacks: list[TrainerCallback] | None = None) -> 
     Args:
         callbacks: extra `TrainerCallback`s (bench/train_speed.py times the steps with one).
     """
+    fsdp_settings(config.train)  # a bad train.fsdp is refused before anything loads
     out = Path(config.train.output_dir)
     lock = RunLock(out).acquire() if is_main_process() else None
     try:

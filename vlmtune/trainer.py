@@ -7,7 +7,9 @@
 - reuse of frozen vision features;
 - checkpoints written whole or not at all, with the run config and processor inside, and
   restored exactly (`vlmtune/checkpoints.py`);
-- a stop on the first non-finite loss or gradient norm (`vlmtune/run_guard.py`).
+- a stop on the first non-finite loss or gradient norm (`vlmtune/run_guard.py`);
+- a zero-contribution vision pass on batches without images, so several processes stay in step
+  with a trained (or sharded) vision tower (`vlmtune/distributed.py`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from vlmtune.config import RunConfig, save_config
 from vlmtune.data.collate import LengthGroupedSampler
 from vlmtune.data.encode import Encoder
 from vlmtune.data.sample import Sample
+from vlmtune.distributed import install_vision_pass
 from vlmtune.errors import Diverged
 from vlmtune.fileio import TEMP_MARK, disk_full_error, host, remove
 from vlmtune.run_guard import DivergenceGuard, divergence_advice
@@ -59,6 +62,8 @@ class VLMTrainer(Trainer):
         self.vision_cache = vision_cache
         self.guard = guard
         self._staging_owner: str | None = None
+        # before accelerate wraps the model: the hooks sit on the model's own modules, under any wrapper
+        self.vision_pass = install_vision_pass(self.model, family, processor)
 
     # -- the step ---------------------------------------------------------------------------
     def compute_loss(self, model, inputs, *args, **kwargs):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from vlmtune.errors import VlmtuneError
 
@@ -62,10 +63,12 @@ class Family:
     # train.cache_vision_features: the model's forward takes mm_encoder_outputs={"image": ...} instead of pixels
     vision_cache: bool = False
     plan: PlanGeometry | None = None  # `vlmtune plan`'s memory formulas for it; None: it has none
-    # While the vision tower trains, a text-only batch still runs it (its output times zero), so under DDP
-    # every trainable vision parameter gets a gradient on every rank. Without it, a rank that draws only
-    # text-only batches leaves those parameters without one.
-    dummy_vision_pass: bool = False
+    # A training batch without images still runs the vision tower and projector (output times zero), so under
+    # DDP every trainable vision parameter gets a gradient on every rank, and under ZeRO-3/FSDP every rank
+    # gathers the same parameters (else: DDP errors, ZeRO-3/FSDP hang). "model": the model's own forward does it
+    # (vlmtune's MiniCPM-V 2.x code); "hook": vlmtune adds it (vlmtune/distributed.py: `get_image_features` on
+    # a blank image from the processor, after the token embeddings); None: nothing does.
+    dummy_vision_pass: Literal["model", "hook"] | None = None
 
     def concat_dim(self, key: str) -> int:
         return dict(self.concat_dims).get(key, 0)

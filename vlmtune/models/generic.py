@@ -10,4 +10,6 @@ FAMILY = Family(
     projector=("model.multi_modal_projector.", "model.connector.", "model.mlp1.", "model.resampler.",
                "model.visual.merger."),
     language_model=("model.language_model.", "model.text_model.", "model.llm.", "lm_head."),
+    # where the processor's blank image suits the model's get_image_features; if not, said when it matters
+    dummy_vision_pass="hook",
 )

@@ -27,7 +27,7 @@ NAVIT_SIGLIP = VisionBlock(  # 2.6, o-2.6
 def _family(name: str, end_of_turn: str, vision: VisionBlock) -> Family:
     return Family(name=name, vision=("vpm.",), projector=("resampler.",), language_model=("llm.",),
                   lora_targets=SEED_LORA_TARGETS, end_of_turn=end_of_turn, own_implementation=True,
-                  plan=PlanGeometry(images="minicpm", vision=vision), dummy_vision_pass=True)
+                  plan=PlanGeometry(images="minicpm", vision=vision), dummy_vision_pass="model")
 
 
 FAMILIES = {

@@ -18,6 +18,7 @@ def _family(name: str) -> Family:
         lora_targets=LLM_LINEAR_REGEX,
         end_of_turn="<|im_end|>",
         concat_dims=(("pixel_values", -1),),
+        dummy_vision_pass="hook",
     )
 
 

@@ -16,6 +16,7 @@ FAMILY = Family(
     pixel_budget=True,
     packable=True,
     vision_cache=True,
+    dummy_vision_pass="hook",  # text-only batches run the tower on a blank image (vlmtune/distributed.py)
     plan=PlanGeometry(images="qwen", vision=VisionBlock(  # vision blocks: RMSNorm, SwiGLU
         prefix="model.visual.blocks.0", norms=("norm1", "norm2"), fused_qkv=True, gated_mlp=True, rms_norm=True,
         act_saves=1, roles=(("qkv", ("attn.qkv",)), ("o", ("attn.proj",)), ("up", ("mlp.gate_proj", "mlp.up_proj")),

@@ -12,6 +12,7 @@ FAMILY = Family(
     pixel_budget=True,
     packable=True,
     vision_cache=True,
+    dummy_vision_pass="hook",  # text-only batches run the tower on a blank image (vlmtune/distributed.py)
     # vision blocks: LayerNorm, fc1 -> quick_gelu -> fc2 (x and sigmoid(1.702x) are kept for backward)
     plan=PlanGeometry(images="qwen", vision=VisionBlock(
         prefix="model.visual.blocks.0", norms=("norm1", "norm2"), fused_qkv=True, gated_mlp=False, rms_norm=False,

@@ -12,6 +12,7 @@ FAMILY = Family(
     pixel_budget=True,
     packable=True,
     vision_cache=True,  # its DeepStack features are cached with the image features
+    dummy_vision_pass="hook",  # text-only batches run the tower on a blank image (vlmtune/distributed.py)
     # vision blocks: LayerNorm, linear_fc1 -> gelu(tanh) -> linear_fc2; the language model has q/k norms
     plan=PlanGeometry(images="qwen", qk_norm=True, vision=VisionBlock(
         prefix="model.visual.blocks.0", norms=("norm1", "norm2"), fused_qkv=True, gated_mlp=False, rms_norm=False,

@@ -66,6 +66,11 @@ def checkpoint_weight_names(path: Path) -> list[str]:
     return names
 
 
+def _several_processes() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and (
+        torch.distributed.get_world_size() > 1)
+
+
 class MiniCPMVPreTrainedModel(PreTrainedModel):
     config_class = MiniCPMVConfig
     supports_gradient_checkpointing = True
@@ -177,9 +182,10 @@ class MiniCPMVForConditionalGeneration(MiniCPMVPreTrainedModel, GenerationMixin)
         if pixel_values is None or pixel_values.numel() == 0:
             if n_slots:
                 raise ValueError(f"mm_token_type_ids marks {n_slots} image-query positions but no pixel_values were given")
-            if self.training and self._vision_is_trained():
+            if self.training and torch.is_grad_enabled() and (self._vision_is_trained() or _several_processes()):
                 # A text-only batch still touches the vision weights (times zero), as the official code does,
-                # so distributed training sees a gradient for every trainable parameter on every rank.
+                # so distributed training sees a gradient for every trainable parameter on every rank, and
+                # under ZeRO-3/FSDP every rank gathers the (even frozen) vision weights the others gather.
                 p = self.vpm.patch_size
                 dummy = torch.zeros(16 * 16, 3 * p * p, device=embeds.device, dtype=embeds.dtype)
                 sizes = torch.tensor([[16, 16]], device=embeds.device)
