@@ -19,8 +19,11 @@ RSS is its own:
   images at their own size (the seed's fixed 500x100 resize would store 2.7 MB of float lists per
   record on disk).
 
-Peak RSS is the main process's (ru_maxrss), and, separately, the largest worker's. The growth
-exponent is the slope of log(time) against log(records). Results: bench/results/data_scale.json.
+Peak RSS is the main process's (ru_maxrss), and, separately, the largest worker's (pages it shares
+with the main process counted). CPU seconds (process and workers) and the load average are recorded
+too: the machine is shared, and CPU time does not depend on what else runs. The growth exponent is
+the slope of log(time) against log(records). Results: bench/results/data_scale.json (the seeds'
+figures of an earlier invocation are kept for sizes this one does not run them for).
 """
 
 from __future__ import annotations
@@ -96,7 +99,14 @@ def make_records(path: Path, n: int, n_images: int) -> tuple[Path, int]:
 
 def peak() -> dict:
     return {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "workers_peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+            "workers_peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+            "cpu_s": cpu(), "load_average_1min_at_end": os.getloadavg()[0]}
+
+
+def cpu() -> float:
+    """CPU seconds of this process and its finished workers: what the work costs whatever else runs."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 # --- the measurements, each run as `data_scale.py --run KIND ...` in its own process -------------
@@ -112,12 +122,13 @@ def run_check(data: str, model: str, cache: str, num_proc: int) -> dict:
     encoder = Encoder(load_processor(model, family), family, max_length=2048)
     out = {}
     for attempt in ("cold", "cached"):
-        t0 = time.perf_counter()
+        t0, c0, load = time.perf_counter(), cpu(), os.getloadavg()[0]
         table = open_records(data, None, cache, num_proc, progress=False)
         t1 = time.perf_counter()
         report = cached_check(table, encoder, 2048, cache, num_proc=num_proc, progress=False, log=lambda m: None)
         t2 = time.perf_counter()
-        out[attempt] = {"read_s": t1 - t0, "check_s": t2 - t1, "preflight_s": t2 - t0}
+        out[attempt] = {"read_s": t1 - t0, "check_s": t2 - t1, "preflight_s": t2 - t0, "cpu_s": cpu() - c0,
+                        "load_average_1min_at_start": load}
         out["bad"] = len(report.bad_indices)
     return {**out, **peak()}
 
@@ -231,6 +242,10 @@ def main() -> None:
         from vlmtune.models.tiny import build_tiny_model
         build_tiny_model("qwen2_vl", model)
     results = {"machine": f"{os.cpu_count()} cores", "num_proc": a.num_proc, "images": a.images, "sizes": {}}
+    try:  # seed runs of an earlier invocation are kept for the sizes this one does not run them for
+        earlier = json.loads(Path(a.out).read_text())["sizes"]
+    except (OSError, ValueError, KeyError):
+        earlier = {}
     t = time.perf_counter()
     make_images(work / "images", min(a.images, max(a.sizes)), a.num_proc)
     print(f"images ready ({time.perf_counter() - t:.0f} s)", flush=True)
@@ -253,6 +268,8 @@ def main() -> None:
             cache.mkdir()
             row["seed_map"] = child("seed", [str(data), str(model), str(cache)], a.seed_timeout)
             subprocess.run(["rm", "-rf", str(cache)])
+        elif "seed_map" in earlier.get(str(n), {}):
+            row["seed_map"] = {**earlier[str(n)]["seed_map"], "from_an_earlier_invocation": True}
         results["sizes"][str(n)] = row
         print(json.dumps(row), flush=True)
         Path(a.out).write_text(json.dumps(results, indent=1) + "\n")
@@ -260,25 +277,28 @@ def main() -> None:
     results["preflight_exponent"] = exponent(points)
     points = [(int(n), r["first_step"].get("first_step_s")) for n, r in results["sizes"].items()]
     results["first_step_exponent"] = exponent(points)
+    points = [(int(n), r["check"].get("cold", {}).get("cpu_s")) for n, r in results["sizes"].items()]
+    results["preflight_cpu_exponent"] = exponent(points)  # what the load of a shared machine does not move
     Path(a.out).write_text(json.dumps(results, indent=1) + "\n")
     print(table(results))
 
 
 def table(results: dict) -> str:
-    lines = ["| records | pre-flight (read + check) | rerun (cached) | first step | first step, cached | "
-             "peak RSS main / worker | seeds' Dataset.map |", "|---|---|---|---|---|---|---|"]
+    lines = ["| records | pre-flight (read + check) | its CPU time | rerun (cached) | first step | first step, cached | "
+             "peak RSS main / worker | seeds' Dataset.map |", "|---|---|---|---|---|---|---|---|"]
     for n, r in results["sizes"].items():
         c, f, fc, s = r["check"], r["first_step"], r["first_step_cached"], r.get("seed_map")
         cold = c.get("cold", {})
         seed = ("not run" if s is None else f"timed out after {s['timed_out_after_s']:.0f} s" if "timed_out_after_s" in s
                 else f"{s['map_s']:.0f} s, {s['peak_rss_mib']:.0f} MiB" if "map_s" in s else "failed")
         lines.append(f"| {int(n):,} | {cold.get('preflight_s', float('nan')):.1f} s ({cold.get('read_s', 0):.1f} + "
-                     f"{cold.get('check_s', 0):.1f}) | {c.get('cached', {}).get('preflight_s', float('nan')):.1f} s | "
+                     f"{cold.get('check_s', 0):.1f}) | {cold.get('cpu_s', float('nan')):.0f} s | "
+                     f"{c.get('cached', {}).get('preflight_s', float('nan')):.1f} s | "
                      f"{f.get('first_step_s', float('nan')):.1f} s | {fc.get('first_step_s', float('nan')):.1f} s | "
                      f"{max(c.get('peak_rss_mib', 0), f.get('peak_rss_mib', 0)):.0f} / "
                      f"{max(c.get('workers_peak_rss_mib', 0), f.get('workers_peak_rss_mib', 0)):.0f} MiB | {seed} |")
-    lines.append(f"growth exponent: pre-flight {results.get('preflight_exponent')}, "
-                 f"first step {results.get('first_step_exponent')}")
+    lines.append(f"growth exponent: pre-flight {results.get('preflight_exponent')} (its CPU time "
+                 f"{results.get('preflight_cpu_exponent')}), first step {results.get('first_step_exponent')}")
     return "\n".join(lines)
 
 

@@ -31,7 +31,7 @@ from vlmtune.data.check import CheckReport, Problem, check_samples
 from vlmtune.data.encode_cache import encoder_description
 from vlmtune.fileio import atomic_write_bytes
 
-CHECK_VERSION = 1  # bump when check_samples reports other problems or lengths for the same input
+CHECK_VERSION = 2  # bump when check_samples reports other problems or lengths for the same input
 
 
 def check_key(samples, encoder, max_length: int | None, deep: bool) -> str:

@@ -64,6 +64,7 @@ class Encoder:
         self._id_tags = self._per_call_image_ids()
         self._image_tokens: dict[tuple[int, int], int] = {}  # (height, width) -> image tokens, for counting
         self._prompts: dict[str, str] = {}  # rendered prompts, by their messages
+        self._prompt_tokens: dict[str, int] = {}  # token counts of prompt segments, for counting
 
     def _per_call_image_ids(self) -> tuple[str, str] | None:
         """The (start, end) tags of the image ids the processor writes before each image, when it
@@ -234,9 +235,11 @@ class Encoder:
         """Sequence length of `encode(s)` for each sample, or the `DataError` encoding it raises.
 
         When the processor can tell image-token counts from image sizes (Qwen families), no pixel is
-        decoded: each sample's chat template is rendered, the texts of the whole batch go through the
-        tokenizer in one call, and image sizes come from the file headers (or `image_sizes`, image ->
-        (width, height), for images whose header was read already). Otherwise each sample is encoded.
+        decoded: each sample is cut into its segments as `encode` cuts it, each segment is tokenized
+        on its own as `encode` tokenizes it (the segments of the whole batch in one tokenizer call;
+        prompt segments, which repeat from sample to sample, are counted once), and each image adds
+        the token count its size gives, its size read from the file header (or taken from
+        `image_sizes`, image -> (width, height)). Otherwise each sample is encoded.
         """
         per_image = getattr(self.processor, "_get_num_multimodal_tokens", None)
         if per_image is None:
@@ -247,27 +250,34 @@ class Encoder:
                 except DataError as e:
                     out.append(e)
             return out
-        texts, errors = [], {}
-        for i, sample in enumerate(samples):
+        pieces: list[list[tuple[str, bool]] | DataError] = []
+        for sample in samples:
             try:
-                texts.append("".join(t for t, _ in self.segments(sample)))
+                pieces.append(self.segments(sample))
             except DataError as e:
-                errors[i] = e
-                texts.append("")
-        lengths = self._text_lengths(texts)
+                pieces.append(e)
+        todo = list(dict.fromkeys(text for segs in pieces if not isinstance(segs, DataError)
+                                  for text, trained in segs if trained or text not in self._prompt_tokens))
+        counted = dict(zip(todo, self._text_lengths(todo)))
         known = image_sizes or {}
-        sizes = [[self._image_hw(path, known) for path in sample.images] for sample in samples]
-        missing = list(dict.fromkeys(hw for per_sample in sizes for hw in per_sample if hw not in self._image_tokens))
-        if missing:
-            counts = per_image(image_sizes=missing).num_image_tokens
-            self._image_tokens.update(zip(missing, counts))
         out = []
-        for i, per_sample in enumerate(sizes):
-            if i in errors:
-                out.append(errors[i])
+        for sample, segs in zip(samples, pieces):
+            if isinstance(segs, DataError):
+                out.append(segs)
                 continue
-            counts = [self._image_tokens[hw] for hw in per_sample]
-            out.append(lengths[i] + sum(counts) - len(counts))  # each placeholder token becomes `count` tokens
+            sizes = [self._image_hw(path, known) for path in sample.images]
+            missing = [hw for hw in dict.fromkeys(sizes) if hw not in self._image_tokens]
+            if missing:
+                self._image_tokens.update(zip(missing, per_image(image_sizes=missing).num_image_tokens))
+            n_text = sum(counted[t] if t in counted else self._prompt_tokens[t] for t, _ in segs)
+            counts = [self._image_tokens[hw] for hw in sizes]
+            out.append(n_text + sum(counts) - len(counts))  # each placeholder token becomes `count` tokens
+        if len(self._prompt_tokens) > 4096:
+            self._prompt_tokens.clear()
+        for segs in pieces:
+            if not isinstance(segs, DataError):
+                self._prompt_tokens.update((text, counted[text]) for text, trained in segs
+                                           if not trained and text in counted)
         return out
 
     def _text_lengths(self, texts: list[str]) -> list[int]:

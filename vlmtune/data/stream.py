@@ -43,8 +43,8 @@ def stream_samples(name: str, split: str = "train", rank: int = 0, world_size: i
         ds = datasets.load_dataset(name, split=split, streaming=True)
     except Exception as e:  # the library raises many classes for a bad id, split or folder
         raise DataError(f"{name}: cannot open it as a streamed dataset ({type(e).__name__}: "
-                        f"{(str(e).strip().splitlines() or [''])[0][:300]}) — check the hub id (or folder) and "
-                        f"data.stream_split={split!r}") from None
+                        f"{(str(e).strip().splitlines() or [''])[0][:300]}) — check the hub id (or the folder) and the "
+                        f"split {split!r}") from None
     if world_size > 1:
         ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
     label = f"{name}[{split}]" + (f" rank {rank}/{world_size}" if world_size > 1 else "")
