@@ -39,7 +39,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: str = ""  # training file (JSON, JSONL or CSV, any supported format)
+    train: str = ""  # training file (JSON, JSONL or CSV, any supported format), or a folder of Parquet/Arrow shards
     val: str | None = None  # validation file; None: split val_size samples off the training file
     val_size: float = 0.0  # images (>= 1) or a fraction of them (< 1) split off `train` when `val` is not given; all records of an image go to one side
     format: str | None = None  # minicpm | qwen | messages | llava | csv; None: detected per record
@@ -57,6 +57,8 @@ class DataConfig:
     pack_length: int | None = None  # tokens per pack (a batch holds train.batch_size packs); None: data.max_length
     seed: int = 0  # seed of the train/val split
     cache_dir: str | None = None  # save encoded samples here (safetensors) and reuse them in later epochs and runs
+    num_proc: int | None = None  # processes that read and pre-flight check the data; None: every core
+    deep_check: bool = False  # pre-flight: decode every image fully (finds truncated files) instead of reading headers
 
 
 @dataclass
@@ -240,6 +242,7 @@ RANGES: tuple[tuple[str, Callable, str], ...] = (
     ("data.max_slice_nums", *at_least(1)),
     ("data.image_size", _image_size_ok, "two positive whole numbers [width, height], e.g. [280, 280]"),
     ("data.num_workers", *at_least(0)),
+    ("data.num_proc", *at_least(1)),
     ("data.pack_length", *at_least(1)),
     ("lora.r", *at_least(1)),
     ("lora.alpha", *above(0)),

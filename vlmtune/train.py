@@ -22,13 +22,14 @@ from transformers import TrainerCallback, TrainingArguments, set_seed
 from vlmtune.callbacks import JsonlMetrics
 from vlmtune.checkpoints import Checkpoint, checkpoints, inspect, newest_complete, trainer_state, trim_metrics
 from vlmtune.config import CONFIG_NAME, RunConfig, load_config, save_config
-from vlmtune.data.check import CheckReport, apply_policy, check_samples
+from vlmtune.data.check import CheckReport, apply_policy
+from vlmtune.data.check_cache import cached_check
 from vlmtune.data.collate import Collator, EncodedDataset
 from vlmtune.data.encode import Encoder
 from vlmtune.data.encode_cache import EncodeCache
 from vlmtune.data.packing import PackingCollator, check_packable, check_packing_attention, pack_length, packed_dataset
 from vlmtune.data.sample import Sample
-from vlmtune.data.load import load_data
+from vlmtune.data.load import data_cache_root, load_data
 from vlmtune.distributed import fsdp_settings
 from vlmtune.errors import BadSampleError, ConfigError, Stopped
 from vlmtune.fileio import clean_stale_temps
@@ -56,7 +57,8 @@ def log(message: str) -> None:
 def preflight(samples: list[Sample], encoder: Encoder, config: RunConfig, out: Path,
               name: str) -> tuple[list[Sample], list[int] | None]:
     """The samples to train on, and their token lengths as the check measured them (None if unknown)."""
-    report = check_samples(samples, encoder, config.data.max_length, progress=is_main_process())
+    report = cached_check(samples, encoder, config.data.max_length, data_cache_root(config, out),
+                          deep=config.data.deep_check, num_proc=config.data.num_proc, progress=is_main_process(), log=log)
     log(f"{name} data: {report.summary()}")
     kept = apply_policy(samples, report, config.data.on_bad_sample, out / f"rejected_{name}.jsonl")
     return kept, kept_lengths(report)
@@ -231,7 +233,7 @@ def _train(config: RunConfig, out: Path, callbacks: list[TrainerCallback] | None
     processor, encoder = parts.processor, parts.encoder
 
     out.mkdir(parents=True, exist_ok=True)
-    train_samples, val_samples = load_data(config)
+    train_samples, val_samples = load_data(config, data_cache_root(config, out), progress=is_main_process())
     train_samples, train_lengths = preflight(train_samples, encoder, config, out, "train")
     if val_samples:
         val_samples, _ = preflight(val_samples, encoder, config, out, "val")

@@ -11,10 +11,12 @@ by the processor, segment by segment. Samples are never truncated: one longer th
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from vlmtune.data.images import open_image
 from vlmtune.data.sample import IMAGE, Sample
 from vlmtune.errors import DataError
 from vlmtune.models.family import Family
@@ -25,7 +27,7 @@ TOKEN_KEYS = ("input_ids", "attention_mask", "labels", "mm_token_type_ids", "tok
 
 def load_image(path: str, size: tuple[int, int] | None = None) -> Image.Image:
     """An RGB image, resized to `size` = (width, height) when given."""
-    with Image.open(path) as im:
+    with open_image(path) as im:
         im = im.convert("RGB")
     if size is not None and im.size != tuple(size):
         im = im.resize(tuple(size), Image.Resampling.BICUBIC)
@@ -60,6 +62,9 @@ class Encoder:
             self.image_size = tuple(max(f, round(s / f) * f) for s in self.image_size)
         self._eot = self.family.end_of_turn
         self._id_tags = self._per_call_image_ids()
+        self._image_tokens: dict[tuple[int, int], int] = {}  # (height, width) -> image tokens, for counting
+        self._prompts: dict[str, str] = {}  # rendered prompts, by their messages
+        self._prompt_tokens: dict[str, int] = {}  # token counts of prompt segments, for counting
 
     def _per_call_image_ids(self) -> tuple[str, str] | None:
         """The (start, end) tags of the image ids the processor writes before each image, when it
@@ -105,6 +110,18 @@ class Encoder:
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
+    def _render_prompt(self, messages: list[dict]) -> str:
+        """`render(messages, add_generation_prompt=True)`, remembered: most datasets ask the same few
+        questions, so the same prompts come back sample after sample (half the pre-flight check's work)."""
+        key = json.dumps(messages, ensure_ascii=False)
+        text = self._prompts.get(key)
+        if text is None:
+            text = self.render(messages, add_generation_prompt=True)
+            if len(self._prompts) >= 4096:
+                self._prompts.clear()
+            self._prompts[key] = text
+        return text
+
     def segments(self, sample: Sample) -> list[tuple[str, bool]]:
         """(text, trained) pieces whose concatenation is the rendered conversation."""
         messages = self.messages(sample)
@@ -113,7 +130,7 @@ class Encoder:
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            prefix = self.render(messages[:i], add_generation_prompt=True)
+            prefix = self._render_prompt(messages[:i])
             full = self.render(messages[: i + 1])
             if not prefix.startswith(done) or not full.startswith(prefix):
                 raise DataError(f"{sample.source}: the chat template does not render turn by turn (each prefix of the "
@@ -125,7 +142,10 @@ class Encoder:
             if answer[cut:]:
                 segments.append((answer[cut:], False))
             done = full
-        rest = self.render(messages)[len(done):]
+        # A conversation that ends with an answer is rendered whole already (`done`); the template is
+        # deterministic, so rendering it again only costs time (a third of the pre-flight check's).
+        ends_with_answer = bool(messages) and messages[-1]["role"] == "assistant"
+        rest = "" if ends_with_answer else self.render(messages)[len(done):]
         if rest:
             segments.append((rest, False))
         return [(text, trained) for text, trained in segments if text]
@@ -199,23 +219,84 @@ class Encoder:
         enc.pop("labels")
         return enc
 
-    def count_tokens(self, sample: Sample) -> int:
-        """Sequence length of `encode(sample)` without decoding pixels when the processor can tell
-        image-token counts from image sizes (Qwen families); otherwise by encoding the sample."""
+    def count_tokens(self, sample: Sample, image_sizes: dict[str, tuple[int, int]] | None = None) -> int:
+        """Sequence length of `encode(sample)`; see `count_tokens_batch`.
+
+        Raises:
+            DataError: the sample cannot be encoded.
+        """
+        n = self.count_tokens_batch([sample], image_sizes)[0]
+        if isinstance(n, DataError):
+            raise n
+        return n
+
+    def count_tokens_batch(self, samples: list[Sample],
+                           image_sizes: dict[str, tuple[int, int]] | None = None) -> list[int | DataError]:
+        """Sequence length of `encode(s)` for each sample, or the `DataError` encoding it raises.
+
+        When the processor can tell image-token counts from image sizes (Qwen families), no pixel is
+        decoded: each sample is cut into its segments as `encode` cuts it, each segment is tokenized
+        on its own as `encode` tokenizes it (the segments of the whole batch in one tokenizer call;
+        prompt segments, which repeat from sample to sample, are counted once), and each image adds
+        the token count its size gives, its size read from the file header (or taken from
+        `image_sizes`, image -> (width, height)). Otherwise each sample is encoded.
+        """
         per_image = getattr(self.processor, "_get_num_multimodal_tokens", None)
         if per_image is None:
-            return len(self.encode(sample)["input_ids"])
-        sizes = []
-        for path in sample.images:
-            if self.image_size is not None:
-                w, h = self.image_size
-            else:
-                with Image.open(path) as im:
-                    w, h = im.size
-            sizes.append((h, w))
-        text = "".join(t for t, _ in self.segments(sample))
-        n_text = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        if not sizes:
-            return n_text
-        counts = per_image(image_sizes=sizes).num_image_tokens
-        return n_text + sum(counts) - len(counts)  # each image placeholder token becomes `count` tokens
+            out: list[int | DataError] = []
+            for sample in samples:
+                try:
+                    out.append(len(self.encode(sample)["input_ids"]))
+                except DataError as e:
+                    out.append(e)
+            return out
+        pieces: list[list[tuple[str, bool]] | DataError] = []
+        for sample in samples:
+            try:
+                pieces.append(self.segments(sample))
+            except DataError as e:
+                pieces.append(e)
+        todo = list(dict.fromkeys(text for segs in pieces if not isinstance(segs, DataError)
+                                  for text, trained in segs if trained or text not in self._prompt_tokens))
+        counted = dict(zip(todo, self._text_lengths(todo)))
+        known = image_sizes or {}
+        out = []
+        for sample, segs in zip(samples, pieces):
+            if isinstance(segs, DataError):
+                out.append(segs)
+                continue
+            sizes = [self._image_hw(path, known) for path in sample.images]
+            missing = [hw for hw in dict.fromkeys(sizes) if hw not in self._image_tokens]
+            if missing:
+                self._image_tokens.update(zip(missing, per_image(image_sizes=missing).num_image_tokens))
+            n_text = sum(counted[t] if t in counted else self._prompt_tokens[t] for t, _ in segs)
+            counts = [self._image_tokens[hw] for hw in sizes]
+            out.append(n_text + sum(counts) - len(counts))  # each placeholder token becomes `count` tokens
+        if len(self._prompt_tokens) > 4096:
+            self._prompt_tokens.clear()
+        for segs in pieces:
+            if not isinstance(segs, DataError):
+                self._prompt_tokens.update((text, counted[text]) for text, trained in segs
+                                           if not trained and text in counted)
+        return out
+
+    def _text_lengths(self, texts: list[str]) -> list[int]:
+        """Token counts of `texts`, as `tokenizer(text, add_special_tokens=False)` gives them; a fast
+        tokenizer's Rust backend does the whole batch without building Python lists of ids."""
+        if not texts:
+            return []
+        backend = getattr(self.tokenizer, "_tokenizer", None)
+        if backend is not None and hasattr(backend, "encode_batch"):
+            return [len(e.ids) for e in backend.encode_batch(texts, add_special_tokens=False)]
+        return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+    def _image_hw(self, path: str, known: dict[str, tuple[int, int]]) -> tuple[int, int]:
+        """(height, width) the processor sees for one image: the fixed resize, or the image's own size."""
+        if self.image_size is not None:
+            w, h = self.image_size
+        elif path in known:
+            w, h = known[path]
+        else:
+            with open_image(path) as im:
+                w, h = im.size
+        return h, w

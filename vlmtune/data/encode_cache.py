@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from vlmtune.data.images import image_digest
 from vlmtune.data.sample import Sample
 from vlmtune.errors import VlmtuneError
 from vlmtune.fileio import atomic_write_bytes, dump_tensors, parse_tensors
@@ -84,11 +85,8 @@ def _digest(*parts: bytes) -> str:
 
 
 def file_digest(path: str) -> bytes:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.digest()
+    """sha256 of an image file's bytes (or of an image embedded in a shard)."""
+    return image_digest(path)
 
 
 class EncodeCache:

@@ -30,7 +30,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Literal
 
@@ -41,6 +41,7 @@ from vlmtune.data.formats import write_samples
 from vlmtune.data.readers import is_url
 from vlmtune.data.recipes import PrepareArgs, open_source, records, resolve_args
 from vlmtune.data.sample import IMAGE, Sample, Turn
+from vlmtune.data.shards import write_shards
 from vlmtune.data.split import split_samples
 from vlmtune.errors import DataError, VlmtuneError
 
@@ -204,7 +205,9 @@ def collect_samples(args: PrepareArgs, ds, images: Path) -> tuple[list[Sample], 
 
 # --- the output folder -------------------------------------------------------------------------
 
-def _output_names(format: str) -> tuple[str, str]:
+def _output_names(format: str, shards: int | None = None) -> tuple[str, str]:
+    if shards:
+        return "train", "val"  # shard folders
     ext = ".csv" if format == "csv" else ".json"
     return f"train{ext}", f"val{ext}"
 
@@ -226,7 +229,8 @@ def already_prepared(out: Path, args: PrepareArgs) -> dict | None:
         raise VlmtuneError(f"{out} already exists and is not empty, and it is not a prepared dataset (no readable "
                            "prepare.json). Pass a new --out or remove that folder first; nothing was written.")
     wanted = asdict(args)
-    complete = all((out / name).is_file() for name in _output_names(args.format))
+    recorded["args"].setdefault("shards", None)  # written before --shards existed
+    complete = all((out / name).exists() for name in _output_names(args.format, args.shards))
     if recorded["args"] == wanted and recorded.get("version") == PREPARE_VERSION and complete:
         return recorded
     diff = ", ".join(f"{k}={recorded['args'].get(k)!r} (asked {v!r})" for k, v in wanted.items()
@@ -257,11 +261,17 @@ def prepare(args: PrepareArgs, out: str | Path) -> dict:
             train, val = split_samples(samples, args.val, args.seed)
         except VlmtuneError as e:
             raise VlmtuneError(f"{args.label}: {len(samples)} sample(s) read; {e}") from None
-        train_name, val_name = _output_names(args.format)
-        write_samples(train, tmp / train_name, args.format)
-        write_samples(val, tmp / val_name, args.format)
+        train_name, val_name = _output_names(args.format, args.shards)
+        n_images = len(os.listdir(tmp / "images"))
+        if args.shards:  # images embedded in the shards (vlmtune/data/shards.py): images/ is not kept
+            write_shards(train, tmp / train_name, args.shards, "train", base=tmp)
+            write_shards(val, tmp / val_name, min(args.shards, max(1, len(val))), "val", base=tmp)
+            shutil.rmtree(tmp / "images")
+        else:
+            write_samples(train, tmp / train_name, args.format)
+            write_samples(val, tmp / val_name, args.format)
         record = {"version": PREPARE_VERSION, "args": asdict(args), "train": len(train), "val": len(val),
-                  "images": len(os.listdir(tmp / "images")), "duplicates_skipped": skipped}
+                  "images": n_images, "duplicates_skipped": skipped}
         (tmp / "prepare.json").write_text(json.dumps(record, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
         try:
             if out.is_dir():
@@ -283,7 +293,8 @@ def prepare_command(recipe: Literal["latex-ocr", "coco-caption"] | None = None, 
                     subset: str | None = None, split: str = "train", image_column: str | None = None,
                     text_column: str | None = None, id_column: str | None = None, local: str | None = None,
                     limit: int | None = None, val: str = "4", seed: int = 0, prompt: str | None = None,
-                    format: Literal["minicpm", "qwen", "messages", "llava", "csv"] = "minicpm") -> int:
+                    format: Literal["minicpm", "qwen", "messages", "llava", "csv"] = "minicpm",
+                    shards: int | None = None) -> int:
     """Download (or read from local files) an image-text dataset and write training files.
 
     Writes OUT/images/ (each image once, named by a hash of its bytes), OUT/train.json and
@@ -313,20 +324,29 @@ def prepare_command(recipe: Literal["latex-ocr", "coco-caption"] | None = None, 
         prompt: User prompt after the image placeholder (default: the recipe's tutorial prompt; none for
             the generic form). Use "" for none.
         format: Training file format: minicpm (the MiniCPM tutorials'), qwen, messages, llava or csv.
+        shards: Write OUT/train/ and OUT/val/ as this many Parquet shards each, with the images embedded
+            (no images/ folder; for large datasets), instead of train.json and val.json. Train on them
+            with data.train=OUT/train.
     """
     args = resolve_args(recipe, source=source, dataset=dataset, subset=subset, split=split, image_column=image_column,
                         text_column=text_column, id_column=id_column, local=local, limit=limit, val=val, seed=seed,
                         prompt=prompt, format=format)
+    if shards is not None:
+        if shards < 1:
+            raise VlmtuneError(f"--shards {shards}: give at least 1")
+        args = replace(args, shards=shards)
     already = already_prepared(Path(out), args)
     if already is not None:
         print(f"{out} is already prepared with these arguments ({already['train']} train + {already['val']} val); "
               "nothing to do")
         return 0
     record = prepare(args, out)
-    train_name, val_name = _output_names(format)
+    train_name, val_name = _output_names(format, shards)
     skipped = f"; {record['duplicates_skipped']} duplicate record(s) skipped" if record["duplicates_skipped"] else ""
+    where = (f"{train_name}/ and {val_name}/: {shards} Parquet shard(s) each, {record['images']} images embedded"
+             if shards else f"{train_name}, {val_name}, {record['images']} images in images/")
     print(f"prepared {record['train']} train + {record['val']} val samples from {args.label} in {out} "
-          f"({train_name}, {val_name}, {record['images']} images in images/){skipped}")
+          f"({where}){skipped}")
     if format == "csv" and args.prompt:
         print(f"note: csv files hold no prompt; set data.prompt: {json.dumps(args.prompt, ensure_ascii=False)} "
               "in the training config")

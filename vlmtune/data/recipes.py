@@ -78,6 +78,7 @@ class PrepareArgs:
     seed: int
     prompt: str
     format: str
+    shards: int | None = None  # write N Parquet shards with the images embedded instead of JSON + images/
 
     @property
     def label(self) -> str:

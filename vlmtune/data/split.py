@@ -68,8 +68,10 @@ def image_groups(samples: list[Sample]) -> list[list[int]]:
         return i
 
     owner: dict[str, int] = {}  # image file -> first record that shows it
-    for i, sample in enumerate(samples):
-        for image in sample.images:
+    # a SampleTable gives its image columns without building a Sample per record
+    image_lists = samples.image_lists() if hasattr(samples, "image_lists") else (s.images for s in samples)
+    for i, images in enumerate(image_lists):
+        for image in images:
             key = image if "://" in image else os.path.normpath(os.path.abspath(image))
             if key in owner:
                 parent[root(i)] = root(owner[key])
@@ -100,4 +102,7 @@ def split_samples(samples: list[Sample], val: str | int | float, seed: int,
     order = list(range(len(groups)))
     random.Random(seed).shuffle(order)
     chosen = {i for g in order[:count] for i in groups[g]}
+    if hasattr(samples, "select"):  # a SampleTable: two views of it, nothing copied
+        return (samples.select([i for i in range(len(samples)) if i not in chosen]),
+                samples.select(sorted(chosen)))
     return ([s for i, s in enumerate(samples) if i not in chosen], [s for i, s in enumerate(samples) if i in chosen])
