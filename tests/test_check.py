@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, base_overrides, caption_records, clean_env, draw, read_jsonl, write_json
+from conftest import ROOT, base_overrides, caption_records, clean_env, draw, read_jsonl, run_cli, write_json
 from vlmtune import cli
 from vlmtune.config import load_config
 from vlmtune.data.check import check_samples
@@ -177,3 +177,15 @@ def test_train_with_error_policy_stops_before_loading_weights(mixed, tiny_qwen2_
             assert f"{mixed['path']}:{i}: {expected}" in message
     assert "data.on_bad_sample=skip" in message
     assert not (out / "rejected_train.jsonl").exists() and not list(out.glob("checkpoint-*"))
+
+
+def test_data_check_deep_decodes_every_image(tmp_path):
+    # a PNG cut short after its header: its size reads, its pixels do not
+    records = caption_records(2, tmp_path, "t")
+    image = tmp_path / records[1]["image"]
+    data = image.read_bytes()
+    image.write_bytes(data[: len(data) // 2])
+    path = write_json(tmp_path / "train.json", records)
+    deep = run_cli(["data", "check", path, "--deep", "--num-proc", "1"])
+    assert deep.returncode == 1, deep.stdout + deep.stderr
+    assert f"{path}:1" in deep.stdout and "1 with problems" in deep.stdout

@@ -28,7 +28,7 @@ def _encoder(model: str, prompt: str | None, image_size: list[int] | None, max_p
 def check_command(data: str, model: str | None = None, max_length: int | None = None, prompt: str | None = None,
                   format: str | None = None, image_size: list[int] | None = None,
                   max_pixels: int | None = None, max_slice_nums: int | None = None, rejected: str | None = None,
-                  trust_remote_code: bool = False) -> int:
+                  trust_remote_code: bool = False, deep: bool = False, num_proc: int | None = None) -> int:
     """Pre-flight check of a dataset; exits 1 when a sample has a problem.
 
     Args:
@@ -42,6 +42,9 @@ def check_command(data: str, model: str | None = None, max_length: int | None = 
         max_slice_nums: Most slices per image (MiniCPM-V 2.x), as data.max_slice_nums in a config.
         rejected: Also write the bad records to this JSONL file.
         trust_remote_code: Run the Python files of the model folder (read them first) when its processor needs them.
+        deep: Decode every image in full (finds truncated or corrupt pixel data); by default sizes are read from
+            the file headers, which finds missing, unreadable and non-image files.
+        num_proc: Processes to check with (default: every core).
     """
     samples = load_samples(data, format)
     encoder = None
@@ -49,7 +52,7 @@ def check_command(data: str, model: str | None = None, max_length: int | None = 
         encoder = _encoder(model, prompt, image_size, max_pixels, max_slice_nums, trust_remote_code)
     elif max_length is not None:
         raise VlmtuneError("--max-length needs --model: token lengths are measured with the model's processor")
-    report = check_samples(samples, encoder, max_length)
+    report = check_samples(samples, encoder, max_length, num_proc=num_proc, deep=deep)
     if report.problems:
         print(report.listing())
     print(report.summary())
