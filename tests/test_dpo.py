@@ -220,10 +220,18 @@ def test_dpo_margin_grows_and_trains_what_sft_trains(tmp_path, tiny_qwen2_vl, me
         assert changed == (name in snapshot.trainable), f"{name}: changed={changed}"
 
 
-@pytest.mark.long
-def test_dpo_resume_continues_exactly(tmp_path, tiny_qwen2_vl):
-    data = write_json(tmp_path / "pairs.json", pair_records(tmp_path))
+@pytest.fixture
+def one_thread():
+    """Runs compared step by step must sum in the same order."""
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.long
+def test_dpo_resume_continues_exactly(tmp_path, tiny_qwen2_vl, one_thread):
+    data = write_json(tmp_path / "pairs.json", pair_records(tmp_path))
 
     def run(out: Path, steps: int, *extra: str) -> None:
         train(load_config(None, base_overrides(tiny_qwen2_vl, data, out, "train.objective=dpo", f"train.max_steps={steps}",

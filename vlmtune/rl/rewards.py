@@ -9,8 +9,8 @@ so a reward agrees with what `vlmtune eval` reports):
 exact_match   1 if the answer equals a reference
 cer           1 - CER, floored at 0 (CER can exceed 1)
 render_match  1 if mathtext draws the answer as a reference (LaTeX; `metrics/latex_render.py`)
-cider         CIDEr-D of the answer against its references, idf over the batch's references (as
-              self-critical sequence training does); in [0, 10]
+cider         CIDEr-D of the answer against its references, idf over the training set's reference
+              sets (as self-critical sequence training does); in [0, 10]
 bleu4         smoothed sentence BLEU-4
 format        the share of three checks passed: not empty, no word 3-gram repeated, length in
               grpo.format_length characters
@@ -68,9 +68,11 @@ def render(completions: list[str], references: list[list[str]]) -> list[float]:
     return [float(render_match(c, refs)[0]) for c, refs in zip(completions, references, strict=True)]
 
 
-def cider(completions: list[str], references: list[list[str]]) -> list[float]:
+def cider(completions: list[str], references: list[list[str]], corpus: list[list[str]] | None = None) -> list[float]:
+    """Args: corpus: the reference sets the idf comes from (None: `references`)."""
+    tokenised = [[caption_tokens(r) for r in refs] for refs in corpus] if corpus is not None else None
     return cider_d([caption_tokens(c) for c in completions],
-                   [[caption_tokens(r) for r in refs] for refs in references])[1]
+                   [[caption_tokens(r) for r in refs] for refs in references], corpus=tokenised)[1]
 
 
 def bleu4(completions: list[str], references: list[list[str]], task: str = "generic") -> list[float]:
@@ -102,9 +104,12 @@ def _user_reward(name: str) -> RewardFn:
     return fn
 
 
-def load_rewards(weights: dict[str, float], task: str | None = None,
-                 format_length: tuple[int, int] = (1, 512)) -> list[Reward]:
+def load_rewards(weights: dict[str, float], task: str | None = None, format_length: tuple[int, int] = (1, 512),
+                 corpus: list[list[str]] | None = None) -> list[Reward]:
     """The rewards `grpo.rewards` names, with their weights.
+
+    Args:
+        corpus: the training set's reference sets, one per distinct prompt (CIDEr's idf).
 
     Raises:
         ConfigError: an unknown built-in name, or a `module:function` that does not import.
@@ -114,7 +119,7 @@ def load_rewards(weights: dict[str, float], task: str | None = None,
         "exact_match": lambda c, r, s: exact_match(c, r, task),
         "cer": lambda c, r, s: one_minus_cer(c, r, task),
         "render_match": lambda c, r, s: render(c, r),
-        "cider": lambda c, r, s: cider(c, r),
+        "cider": lambda c, r, s: cider(c, r, corpus),
         "bleu4": lambda c, r, s: bleu4(c, r, task),
         "format": lambda c, r, s: format_reward(c, tuple(format_length)),
     }
@@ -130,13 +135,15 @@ def load_rewards(weights: dict[str, float], task: str | None = None,
     return rewards
 
 
-def score_rewards(rewards: list[Reward], completions: list[str], samples: list[Sample]) -> dict[str, list[float]]:
-    """Each reward's score of each completion (completion i answers samples[i]).
+def score_rewards(rewards: list[Reward], completions: list[str], samples: list[Sample],
+                  references: list[list[str]] | None = None) -> dict[str, list[float]]:
+    """Each reward's score of each completion (completion i answers samples[i], whose accepted
+    answers are references[i]; default: the sample's own answer).
 
     Raises:
         ConfigError: a user reward that returns the wrong number of scores.
     """
-    references = [[s.answer()] for s in samples]
+    references = references if references is not None else [[s.answer()] for s in samples]
     scores = {}
     for reward in rewards:
         values = [float(v) for v in reward.fn(completions, references, samples)]

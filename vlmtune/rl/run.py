@@ -34,7 +34,7 @@ from vlmtune.parts import RunParts, run_parts
 from vlmtune.rl.rewards import load_rewards
 from vlmtune.rl.trainers import DPOTrainer, GRPOTrainer, adapters_only
 from vlmtune.run_guard import DivergenceGuard, GracefulStop
-from vlmtune.scoring import first_items
+from vlmtune.scoring import first_items, group_items
 from vlmtune.tracking import start_trackers
 from vlmtune.train_parts import is_main_process, log, preflight, resume_command, save_now, training_arguments
 from vlmtune.data.collate import Collator, EncodedDataset
@@ -92,8 +92,6 @@ def train_objective(config: RunConfig, out: Path, resume_from: Checkpoint | None
     check_objective(config)
     parts = run_parts(config, training=True)
     family, processor, encoder, dtype = parts.family, parts.processor, parts.encoder, parts.dtype
-    rewards = load_rewards(config.grpo.rewards, config.eval.task, config.grpo.format_length) \
-        if objective == "grpo" else []
 
     out.mkdir(parents=True, exist_ok=True)
     if objective == "dpo":
@@ -106,6 +104,10 @@ def train_objective(config: RunConfig, out: Path, resume_from: Checkpoint | None
         train_samples, _ = preflight(train_samples, encoder, config, out, "train")
         if val_samples:
             val_samples, _ = preflight(val_samples, encoder, config, out, "val")
+        # one prompt per distinct image + question, all its records' answers accepted (COCO's five captions)
+        items = group_items(train_samples)
+        references = [item.references for item in items]
+        rewards = load_rewards(config.grpo.rewards, config.eval.task, tuple(config.grpo.format_length), references)
     if is_main_process():
         save_config(config, out)
 
@@ -139,10 +141,10 @@ def train_objective(config: RunConfig, out: Path, resume_from: Checkpoint | None
     else:
         g = config.grpo
         args.include_num_input_tokens_seen = "no"  # batches hold prompt indices, not tokens
-        trainer = GRPOTrainer(train_dataset=IndexDataset(len(train_samples)),
+        trainer = GRPOTrainer(train_dataset=IndexDataset(len(items)),
                               eval_dataset=EncodedDataset(val_samples, encoder) if val_samples else None,
                               data_collator=_GrpoCollator(Collator(parts.pad_id, concat_dims=family.concat_dims)),
-                              prompts=train_samples, rewards=rewards, num_generations=g.num_generations,
+                              prompts=[item.sample for item in items], references=references, rewards=rewards, num_generations=g.num_generations,
                               temperature=g.temperature, max_new_tokens=g.max_new_tokens, beta=g.beta,
                               scale_rewards=g.scale_rewards, **common)
 

@@ -103,14 +103,15 @@ class GRPOTrainer(_Objective):
     group-relative advantages. Evaluation (model.eval()) computes SFT's loss on the references.
 
     Args:
-        prompts: the training samples the batches' indices point at (their answers are the references).
+        prompts: the training prompts the batches' indices point at (one per distinct image + question).
+        references: the accepted answers of each prompt.
     """
 
-    def __init__(self, *args, prompts: list[Sample], rewards: list[Reward], num_generations: int = 4,
+    def __init__(self, *args, prompts: list[Sample], references: list[list[str]], rewards: list[Reward], num_generations: int = 4,
                  temperature: float = 1.0, max_new_tokens: int = 32, beta: float = 0.0, scale_rewards: bool = True,
                  **kwargs):
         super().__init__(*args, **kwargs)
-        self.prompts, self.rewards = prompts, rewards
+        self.prompts, self.references, self.rewards = prompts, references, rewards
         self.num_generations, self.temperature, self.max_new_tokens = num_generations, temperature, max_new_tokens
         self.beta, self.scale_rewards = beta, scale_rewards
         # sampled answers are scored as they come out, whatever their length: never refused for data.max_length
@@ -123,18 +124,22 @@ class GRPOTrainer(_Objective):
         if not model.training:  # evaluation: cross-entropy of the references, as in SFT
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         group = self.num_generations
-        samples = [self.prompts[i] for i in inputs["index"].tolist()]
+        indices = inputs["index"].tolist()
+        samples = [self.prompts[i] for i in indices]
         asked = [s for s in samples for _ in range(group)]
-        prompts = [self.encoder.encode_prompt(s) for s in samples]
+        references = [self.references[i] for i in indices for _ in range(group)]
+        prompts = [self.answer_encoder.encode_prompt(s) for s in samples]
         completions = complete(self.accelerator.unwrap_model(model), self.encoder,
                                [p for p in prompts for _ in range(group)], self.max_new_tokens,
                                Sampling(temperature=self.temperature))
         texts = [c.text for c in completions]
-        scores = score_rewards(self.rewards, texts, asked)
+        scores = score_rewards(self.rewards, texts, asked, references)
         rewards = torch.tensor(total_reward(self.rewards, scores), dtype=torch.float32)
         advantages = group_advantages(rewards, group, self.scale_rewards).to(self.args.device)
 
-        batch = self.collate([self.answer_encoder.encode(with_answer(s, t)) for s, t in zip(asked, texts)])
+        rows = [item for k, s in enumerate(samples)
+                for item in self.answer_encoder.encode_answers(s, texts[k * group:(k + 1) * group])]
+        batch = self.collate(rows)
         batch = self._prepare_inputs(batch)
         logps, mask = token_logps(_forward(model, batch), batch["labels"])
         ref_logps = None
@@ -149,9 +154,10 @@ class GRPOTrainer(_Objective):
             t = torch.tensor(values)
             stats[f"rewards/{name}/mean"], stats[f"rewards/{name}/std"] = t.mean().item(), t.std().item()
         self._record(stats)
-        self._triples = [{"images": s.images, "prompt": "", "prediction": t, "reference": s.answer(),
-                          "references": [s.answer()], "scores": {"reward": r}}
-                         for s, t, r in zip(asked, texts, rewards.tolist())][:TRIPLES_PER_LOG]
+        self._triples = [{"images": s.images, "prediction": t, "reference": refs[0], "references": refs,
+                          "scores": {"reward": r, **{name: v[i] for name, v in scores.items()}}}
+                         for i, (s, t, refs, r) in enumerate(zip(asked, texts, references, rewards.tolist()))
+                         ][:TRIPLES_PER_LOG]
         return (loss, {}) if return_outputs else loss
 
     def log(self, logs: dict, *args, **kwargs) -> None:
