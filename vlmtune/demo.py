@@ -49,7 +49,7 @@ def demo(out: str = "demo_out", steps: int | None = None, train_samples: int = 1
         val_samples: Held-out images for the before/after evaluation.
         seed: Seed of the data, the model weights and training.
         rl: Then GRPO from the fine-tuned model with an exact-match reward (configs/demo_rl.yaml), evaluated
-            against it: SFT -> GRPO. The SFT part trains train.sft_steps of demo_rl.yaml unless --steps is given.
+            against it: SFT -> GRPO. The SFT part then trains 300 steps unless --steps is given.
         rl_steps: GRPO steps; default: train.max_steps of configs/demo_rl.yaml.
     """
     if not DEMO_CONFIG.exists():
