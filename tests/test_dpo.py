@@ -254,3 +254,24 @@ def test_dpo_resume_continues_exactly(tmp_path, tiny_qwen2_vl, one_thread):
         torch.testing.assert_close(resumed[name], whole[name], atol=1e-6, rtol=0)
     assert (tmp_path / "resumed" / "checkpoint-2" / "vlmtune.yaml").is_file()
     assert load_config(tmp_path / "resumed" / "final" / "vlmtune.yaml").train.objective == "dpo"
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "minicpmv2", "minicpmv2_6", "minicpmv4_6"])
+def test_every_family_trains_with_dpo_and_grpo(tmp_path, tiny_model_dir, family, one_thread):
+    """vlmtune's own encoding and loss, not TRL's, so the native MiniCPM-V 2.x runs too."""
+    from conftest import caption_records
+
+    model = tiny_model_dir(family)
+    pairs = write_json(tmp_path / "pairs.json", pair_records(tmp_path))
+    train(load_config(None, base_overrides(model, pairs, tmp_path / "dpo", "train.objective=dpo", "train.max_steps=3",
+                                           "train.learning_rate=0.01")))
+    margins = [r["rewards/margins"] for r in read_jsonl(tmp_path / "dpo" / "metrics.jsonl") if "rewards/margins" in r]
+    assert margins[-1] > margins[0]
+    data = write_json(tmp_path / "train.json", caption_records(4, tmp_path))
+    train(load_config(None, base_overrides(model, data, tmp_path / "grpo", "train.objective=grpo", "train.max_steps=2",
+                                           "grpo.max_new_tokens=4", "grpo.num_generations=2",
+                                           "grpo.rewards={exact_match: 1.0, format: 0.5}")))
+    rows = [r for r in read_jsonl(tmp_path / "grpo" / "metrics.jsonl") if "reward" in r]
+    assert len(rows) == 2 and all(math.isfinite(r["loss"]) and "rewards/format/mean" in r for r in rows)
+    assert (tmp_path / "grpo" / "final" / "vlmtune.yaml").is_file()
