@@ -148,7 +148,8 @@ def _demo_rl(out: Path, steps: int | None, seed: int, started: float) -> int:
     rewards = [r["reward"] for r in rows if "reward" in r]
     print("\n=== vlmtune demo --rl: SFT vs SFT + GRPO (held-out images) ===")
     if rewards:
-        print(f"sampled-caption reward (exact match)   {rewards[0]:.3f} -> {rewards[-1]:.3f} (first and last logging step)")
+        print(f"reward of the sampled captions {g.rewards}: {rewards[0]:.3f} -> {rewards[-1]:.3f} (first and last "
+              "logging step)")
     print(comparison_table(before, after, ("SFT", "GRPO")))
     print(f"\nrun folder: {run}\nreport:     {report}\ntime:       {time.time() - started:.0f} s (SFT demo included)")
     if after["exact_match"] <= before["exact_match"]:

@@ -27,6 +27,7 @@ from vlmtune.callbacks import JsonlMetrics
 from vlmtune.checkpoints import Checkpoint, newest_complete, trim_metrics
 from vlmtune.config import RunConfig, save_config
 from vlmtune.data.check import apply_policy
+from vlmtune.data.collate import Collator, EncodedDataset
 from vlmtune.data.load import load_data
 from vlmtune.data.preference import PairCollator, PairDataset, check_pairs, load_pairs
 from vlmtune.errors import BadSampleError, ConfigError, Stopped
@@ -37,7 +38,6 @@ from vlmtune.run_guard import DivergenceGuard, GracefulStop
 from vlmtune.scoring import first_items, group_items
 from vlmtune.tracking import start_trackers
 from vlmtune.train_parts import is_main_process, log, preflight, resume_command, save_now, training_arguments
-from vlmtune.data.collate import Collator, EncodedDataset
 from vlmtune.tuning import prepare_model, trainable_summary, upcast_trainable
 
 
