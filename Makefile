@@ -1,4 +1,5 @@
 # make demo   - the offline demo: synthetic data, tiny model, fine-tune, before/after metrics, report
+# make demo-rl - the same, then GRPO with an exact-match reward from the fine-tuned model: SFT -> GRPO table
 # make test   - the CPU test suite (offline, minutes), the fault and resume cases included
 # make test-fast - the same without the long end-to-end runs (marked `long`); under 3 minutes
 # make bench  - benchmarks under bench/ (not part of the tests)
@@ -11,7 +12,11 @@ VENV := .venv
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
+<<<<<<< HEAD
 .PHONY: install demo test test-fast bench gpu-check clean
+=======
+.PHONY: install demo demo-rl test test-fast bench clean
+>>>>>>> rl
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +29,9 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/vlmtune demo --out demo_out
+
+demo-rl: $(STAMP)
+	$(VENV)/bin/vlmtune demo --rl --out demo_out
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -q --durations=15

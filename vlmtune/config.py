@@ -72,6 +72,7 @@ class LoraConfig:
 
 @dataclass
 class TrainConfig:
+    objective: Literal["sft", "dpo", "grpo"] = "sft"  # sft: cross-entropy on the answers; dpo: preference pairs (dpo section); grpo: sampled answers scored by rewards (grpo section)
     method: Literal["lora", "dora", "qlora", "full"] = "lora"
     freeze_vision: bool = True  # keep the vision tower fixed (with LoRA: False trains it fully, as MiniCPM's tune_vision)
     freeze_projector: bool = True  # keep the vision-to-language projector fixed
@@ -110,6 +111,23 @@ class TrainConfig:
 
 
 @dataclass
+class DpoConfig:
+    beta: float = 0.1  # strength of the pull toward the reference model (TRL's default)
+    label_smoothing: float = 0.0  # share of pairs assumed mislabelled (conservative DPO); 0: plain DPO
+
+
+@dataclass
+class GrpoConfig:
+    rewards: dict[str, float] = field(default_factory=lambda: {"exact_match": 1.0})  # reward -> weight: exact_match, cer (1 - CER), render_match, cider, bleu4, format, or module:function
+    num_generations: int = 4  # answers sampled per prompt (the group)
+    temperature: float = 1.0  # sampling temperature of those answers
+    max_new_tokens: int = 32  # longest sampled answer
+    beta: float = 0.04  # KL coefficient (k3 estimate against the reference model); 0: no reference model
+    scale_rewards: bool = True  # divide advantages by the group's reward std (TRL's "group"); false: Dr. GRPO
+    format_length: list[int] = field(default_factory=lambda: [1, 512])  # the format reward's allowed answer length in characters [min, max]
+
+
+@dataclass
 class EvalConfig:
     task: Literal["ocr", "latex", "caption", "generic"] | None = None  # metrics to compute; None: generic
     max_new_tokens: int | None = None  # None: derived from the references
@@ -123,6 +141,8 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dpo: DpoConfig = field(default_factory=DpoConfig)
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -147,6 +167,11 @@ def _convert(value, tp, where: str):
         if value not in typing.get_args(tp):
             raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, typing.get_args(tp)))}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict) or not value:
+            raise ConfigError(f"{where}: expected a non-empty mapping, e.g. {{exact_match: 1.0}}, got {value!r}")
+        key_tp, value_tp = typing.get_args(tp)
+        return {_convert(k, key_tp, f"{where}"): _convert(v, value_tp, f"{where}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
@@ -231,6 +256,10 @@ def _image_size_ok(value, config: RunConfig) -> bool:
     return len(value) == 2 and all(v > 0 for v in value)
 
 
+def _length_range_ok(value, config: RunConfig) -> bool:
+    return len(value) == 2 and 0 <= value[0] <= value[1]
+
+
 # The allowed range of every numeric setting, checked once the whole config is built (YAML and
 # overrides alike), so a bad value stops `train`, `plan` or `eval` before any model loads, in one
 # line that names the key. `None` (unset) always passes: its default applies.
@@ -264,6 +293,13 @@ RANGES: tuple[tuple[str, Callable, str], ...] = (
     ("train.save_steps", *at_least(1)),
     ("train.save_total_limit", *at_least(1)),
     ("train.eval_steps", *at_least(1)),
+    ("dpo.beta", *above(0)),
+    ("dpo.label_smoothing", (lambda v, c: _number(v) and 0 <= v < 0.5), "in [0, 0.5)"),
+    ("grpo.num_generations", *at_least(2)),
+    ("grpo.temperature", *above(0)),
+    ("grpo.max_new_tokens", *at_least(1)),
+    ("grpo.beta", *at_least(0)),
+    ("grpo.format_length", _length_range_ok, "[min, max] characters with 0 <= min <= max"),
     ("eval.max_new_tokens", *at_least(1)),
     ("eval.batch_size", *at_least(1)),
     ("eval.num_samples", *at_least(0)),
@@ -299,7 +335,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({e})") from None
         if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections (model, data, lora, train, eval)")
+            raise ConfigError(f"{path}: expected a mapping of sections (model, data, lora, train, dpo, grpo, eval)")
     for item in overrides or []:
         keys, value = _parse_override(item)
         node = data

@@ -2,11 +2,16 @@
 
     vlmtune demo                 # or: make demo
     vlmtune demo --out /tmp/demo --steps 300
+    vlmtune demo --rl            # or: make demo-rl: then GRPO with an exact-match reward, SFT -> GRPO
 
 Everything is made on the spot (no network, CPU only): 1,000 captioned images of one coloured
 shape each, a random-weight tiny Qwen2-VL with a real processor, a full fine-tune from
 configs/demo.yaml, then `vlmtune eval --compare-base` on 100 held-out images and the report.
 The demo fails (exit 1) if the held-out metric did not improve: it exists to show learning.
+
+With `--rl` the fine-tuned model then trains on by GRPO (configs/demo_rl.yaml: sampled captions
+scored by exact match) and is evaluated against the SFT model on the same held-out images; that
+part fails too if GRPO did not raise held-out exact match.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from pathlib import Path
 from vlmtune.errors import VlmtuneError
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+DEMO_RL_CONFIG = DEMO_CONFIG.with_name("demo_rl.yaml")
 MARKER = "vlmtune_demo.json"
 
 
@@ -33,7 +39,7 @@ def _eval_losses(run: Path) -> tuple[float | None, float | None]:
 
 
 def demo(out: str = "demo_out", steps: int | None = None, train_samples: int = 1000, val_samples: int = 100,
-         seed: int = 0) -> int:
+         seed: int = 0, rl: bool = False, rl_steps: int | None = None) -> int:
     """Run the offline demo: synthetic data, tiny model, fine-tune, before/after metrics, report.
 
     Args:
@@ -42,6 +48,9 @@ def demo(out: str = "demo_out", steps: int | None = None, train_samples: int = 1
         train_samples: Synthetic training images.
         val_samples: Held-out images for the before/after evaluation.
         seed: Seed of the data, the model weights and training.
+        rl: Then GRPO from the fine-tuned model with an exact-match reward (configs/demo_rl.yaml), evaluated
+            against it: SFT -> GRPO. The SFT part then trains 300 steps unless --steps is given.
+        rl_steps: GRPO steps; default: train.max_steps of configs/demo_rl.yaml.
     """
     if not DEMO_CONFIG.exists():
         raise VlmtuneError(f"{DEMO_CONFIG} not found: run the demo from a vlmtune source checkout")
@@ -50,7 +59,13 @@ def demo(out: str = "demo_out", steps: int | None = None, train_samples: int = 1
     started = time.time()
     out = Path(out)
     with RunLock(out):  # a second demo into the same folder is refused, not allowed to delete this one's run
-        return _demo(out, steps, train_samples, val_samples, seed, started)
+        if rl and steps is None:
+            steps = RL_SFT_STEPS
+        code = _demo(out, steps, train_samples, val_samples, seed, started)
+        return _demo_rl(out, rl_steps, seed, started) if rl and code == 0 else code
+
+
+RL_SFT_STEPS = 300  # SFT steps before GRPO in `vlmtune demo --rl`: half the SFT demo's, so both fit in 6 minutes
 
 
 def _demo(out: Path, steps: int | None, train_samples: int, val_samples: int, seed: int, started: float) -> int:
@@ -62,10 +77,11 @@ def _demo(out: Path, steps: int | None, train_samples: int, val_samples: int, se
     from vlmtune.train import train
 
     run = out / "run"
-    if run.exists():
-        if not (out / MARKER).exists():
-            raise VlmtuneError(f"{run} exists and was not made by the demo; choose another --out")
-        shutil.rmtree(run)  # the demo's own previous run: retrain from scratch
+    for folder in (run, out / "run_rl"):
+        if folder.exists():
+            if not (out / MARKER).exists():
+                raise VlmtuneError(f"{folder} exists and was not made by the demo; choose another --out")
+            shutil.rmtree(folder)  # the demo's own previous run: retrain from scratch
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text(json.dumps({"seed": seed, "train_samples": train_samples, "val_samples": val_samples}))
 
@@ -100,5 +116,43 @@ def _demo(out: Path, steps: int | None, train_samples: int, val_samples: int, se
     learned = after["exact_match"] > before["exact_match"] + 0.1 and (loss_after or 0) < (loss_before or 0)
     if not learned:
         print("the demo did not show learning (exact match up by > 0.10 and validation loss down): something is wrong")
+        return 1
+    return 0
+
+
+def _demo_rl(out: Path, steps: int | None, seed: int, started: float) -> int:
+    """GRPO from the SFT demo's model (out/run/final) into out/run_rl, then SFT vs GRPO on the held-out images."""
+    from vlmtune.config import load_config
+    from vlmtune.evaluate import comparison_table, eval_command
+    from vlmtune.report import build_report
+    from vlmtune.train import train
+
+    sft, run = out / "run", out / "run_rl"
+    overrides = [f"model.name_or_path={sft / 'final'}", f"data.train={out / 'data' / 'train.json'}",
+                 f"data.val={out / 'data' / 'val.json'}", f"train.output_dir={run}", f"train.seed={seed}"]
+    if steps is not None:
+        overrides += [f"train.max_steps={steps}", f"train.save_steps={steps}"]
+    config = load_config(DEMO_RL_CONFIG, overrides)
+    g = config.grpo
+    print(f"\n[RL 1/3] GRPO from the fine-tuned model ({config.train.max_steps} steps, {config.train.batch_size} "
+          f"prompts x {g.num_generations} sampled captions, reward {g.rewards}) -> {run}", flush=True)
+    train(config)
+    print("[RL 2/3] evaluating the SFT and the GRPO model on the same held-out images", flush=True)
+    eval_command(str(run), task=config.eval.task, compare_base=True, batch_size=config.eval.batch_size)
+    print("[RL 3/3] report", flush=True)
+    report = build_report(run)
+
+    compare = json.loads((run / "eval" / "compare.json").read_text())
+    before, after = compare["metrics"]["base"], compare["metrics"][compare["after"]]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rewards = [r["reward"] for r in rows if "reward" in r]
+    print("\n=== vlmtune demo --rl: SFT vs SFT + GRPO (held-out images) ===")
+    if rewards:
+        print(f"reward of the sampled captions {g.rewards}: {rewards[0]:.3f} -> {rewards[-1]:.3f} (first and last "
+              "logging step)")
+    print(comparison_table(before, after, ("SFT", "GRPO")))
+    print(f"\nrun folder: {run}\nreport:     {report}\ntime:       {time.time() - started:.0f} s (SFT demo included)")
+    if after["exact_match"] <= before["exact_match"]:
+        print("GRPO did not raise held-out exact match over the SFT model: something is wrong")
         return 1
     return 0

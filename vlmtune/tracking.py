@@ -45,11 +45,12 @@ def _swanlab_run():
 
 def _caption(row: dict) -> str:
     more = len(row.get("references") or [None]) - 1  # an evaluation item can have several references
-    return f"pred: {row['prediction']}\nref:  {row['reference']}" + (f" (+{more} more)" if more > 0 else "")
+    reward = f"\nreward: {row['scores']['reward']:.3f}" if "reward" in (row.get("scores") or {}) else ""
+    return f"pred: {row['prediction']}\nref:  {row['reference']}" + (f" (+{more} more)" if more > 0 else "") + reward
 
 
-def write_samples_file(out_dir: Path, rows: list[dict], step: int) -> Path:
-    folder = Path(out_dir) / "samples"
+def write_samples_file(out_dir: Path, rows: list[dict], step: int, folder: str = "samples") -> Path:
+    folder = Path(out_dir) / folder
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step-{step:06d}.jsonl"
     with path.open("w", encoding="utf-8") as f:
@@ -58,9 +59,10 @@ def write_samples_file(out_dir: Path, rows: list[dict], step: int) -> Path:
     return path
 
 
-def log_predictions(trainer, rows: list[dict], step: int) -> None:
-    """Log up to MAX_IMAGES triples to every active tracker and all rows to RUN/samples/."""
-    write_samples_file(Path(trainer.args.output_dir), rows, step)
+def log_predictions(trainer, rows: list[dict], step: int, tag: str = "val", folder: str = "samples") -> None:
+    """Log up to MAX_IMAGES triples to every active tracker (under `tag`/) and all rows to RUN/`folder`/.
+    GRPO logs its sampled answers with their rewards as tag "train", folder "completions"."""
+    write_samples_file(Path(trainer.args.output_dir), rows, step, folder)
     report_to = trainer.args.report_to or []
     shown = [r for r in rows if r["images"]][:MAX_IMAGES]
     if not shown:
@@ -69,7 +71,7 @@ def log_predictions(trainer, rows: list[dict], step: int) -> None:
         import swanlab
 
         if _swanlab_run() is not None:
-            swanlab.log({"val/predictions": [swanlab.Image(r["images"][0], caption=_caption(r)) for r in shown]},
+            swanlab.log({f"{tag}/predictions": [swanlab.Image(r["images"][0], caption=_caption(r)) for r in shown]},
                         step=step)
     if "tensorboard" in report_to:
         from transformers.integrations import TensorBoardCallback
@@ -81,11 +83,11 @@ def log_predictions(trainer, rows: list[dict], step: int) -> None:
             for i, r in enumerate(shown):
                 with Image.open(r["images"][0]) as im:
                     pixels = np.asarray(im.convert("RGB"))
-                writer.add_image(f"val/image_{i}", pixels, step, dataformats="HWC")
-                writer.add_text(f"val/prediction_{i}", _caption(r).replace("\n", "  \n"), step)
+                writer.add_image(f"{tag}/image_{i}", pixels, step, dataformats="HWC")
+                writer.add_text(f"{tag}/prediction_{i}", _caption(r).replace("\n", "  \n"), step)
             writer.flush()
     if "wandb" in report_to:
         import wandb
 
         if wandb.run is not None:
-            wandb.log({"val/predictions": [wandb.Image(r["images"][0], caption=_caption(r)) for r in shown]}, step=step)
+            wandb.log({f"{tag}/predictions": [wandb.Image(r["images"][0], caption=_caption(r)) for r in shown]}, step=step)

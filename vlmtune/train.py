@@ -11,124 +11,35 @@ vlmtune adds the collator, the per-part optimizer groups and complete checkpoint
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback, TrainingArguments, set_seed
+from transformers import TrainerCallback, set_seed
 
 from vlmtune.callbacks import JsonlMetrics
 from vlmtune.checkpoints import Checkpoint, checkpoints, inspect, newest_complete, trainer_state, trim_metrics
 from vlmtune.config import CONFIG_NAME, RunConfig, load_config, save_config
-from vlmtune.data.check import CheckReport, apply_policy
-from vlmtune.data.check_cache import cached_check
 from vlmtune.data.collate import Collator, EncodedDataset
-from vlmtune.data.encode import Encoder
 from vlmtune.data.encode_cache import EncodeCache
 from vlmtune.data.packing import PackingCollator, check_packable, check_packing_attention, pack_length, packed_dataset
-from vlmtune.data.sample import Sample
 from vlmtune.data.load import data_cache_root, load_data
 from vlmtune.distributed import fsdp_settings
 from vlmtune.errors import BadSampleError, ConfigError, Stopped
 from vlmtune.fileio import clean_stale_temps
 from vlmtune.kernels import resolve_liger
-from vlmtune.models.load import pick_dtype
 from vlmtune.parts import run_parts
+from vlmtune.rl.run import train_objective
 from vlmtune.run_guard import DivergenceGuard, GracefulStop, GuardedSamples
 from vlmtune.runlock import RunLock, describe_previous
 from vlmtune.scoring import first_items
 from vlmtune.tracking import start_trackers
+from vlmtune.train_parts import kept_lengths  # noqa: F401  (re-exported: moved there from here)
+from vlmtune.train_parts import is_main_process, log, preflight, resume_command, save_now, training_arguments
 from vlmtune.trainer import VLMTrainer
 from vlmtune.tuning import prepare_model, trainable_summary, upcast_trainable
 from vlmtune.vision_cache import VisionCacheReport, VisionFeatureCache, check_config
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def log(message: str) -> None:
-    if is_main_process():
-        print(message, flush=True)
-
-
-def preflight(samples: list[Sample], encoder: Encoder, config: RunConfig, out: Path,
-              name: str) -> tuple[list[Sample], list[int] | None]:
-    """The samples to train on, and their token lengths as the check measured them (None if unknown)."""
-    report = cached_check(samples, encoder, config.data.max_length, data_cache_root(config, out),
-                          deep=config.data.deep_check, num_proc=config.data.num_proc, progress=is_main_process(), log=log)
-    log(f"{name} data: {report.summary()}")
-    kept = apply_policy(samples, report, config.data.on_bad_sample, out / f"rejected_{name}.jsonl")
-    return kept, kept_lengths(report)
-
-
-def kept_lengths(report: CheckReport) -> list[int] | None:
-    """Token lengths of the samples `apply_policy` keeps (those without problems), in order.
-
-    `check_samples` lists a length for every sample that is sound and encodes, too-long ones
-    included; None if the counts disagree, i.e. if it stopped working that way."""
-    kinds: dict[int, set[str]] = {}
-    for p in report.problems:
-        kinds.setdefault(p.index, set()).add(p.kind)
-    measured = [i for i in range(report.n_samples) if kinds.get(i, set()) <= {"too long"}]
-    if len(measured) != len(report.token_lengths):
-        return None
-    return [n for i, n in zip(measured, report.token_lengths) if i not in kinds]
-
-
-def training_arguments(config: RunConfig, out: Path, has_val: bool, use_liger: bool = False) -> TrainingArguments:
-    t = config.train
-    dtype = pick_dtype(config.model.dtype)
-    cpu_ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    report_to = t.report_to or ["none"]
-    eval_strategy = "no" if not has_val else ("steps" if t.eval_steps else "epoch")
-    return TrainingArguments(
-        output_dir=str(out),
-        run_name=t.run_name or out.name,
-        per_device_train_batch_size=t.batch_size,
-        per_device_eval_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.grad_accum,
-        learning_rate=t.learning_rate,
-        weight_decay=t.weight_decay,
-        adam_beta2=t.adam_beta2,
-        warmup_steps=t.warmup_ratio,  # transformers 5: a float < 1 is a fraction of the steps
-        lr_scheduler_type=t.lr_scheduler,
-        max_grad_norm=t.max_grad_norm,
-        num_train_epochs=t.epochs,
-        max_steps=t.max_steps,
-        logging_steps=t.logging_steps,
-        logging_first_step=True,
-        save_strategy="steps",
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        eval_strategy=eval_strategy,
-        eval_steps=t.eval_steps,
-        eval_on_start=t.eval_on_start and has_val,
-        bf16=dtype == torch.bfloat16,
-        fp16=dtype == torch.float16,  # autocast + loss scaling; the trained weights are fp32 (upcast_trainable)
-        activation_checkpointing=t.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
-        dataloader_pin_memory=torch.cuda.is_available(),
-        dataloader_num_workers=config.data.num_workers,
-        remove_unused_columns=False,
-        label_names=["labels"],
-        logging_nan_inf_filter=False,  # a NaN loss is logged as NaN (and stops the run), never hidden
-        report_to=report_to,
-        seed=t.seed,
-        deepspeed=t.deepspeed,
-        fsdp=bool(t.fsdp), fsdp_config=fsdp_settings(t),  # vlmtune/distributed.py reads and checks train.fsdp
-        # Several processes without CUDA (torchrun on CPU): accelerate sets up gloo DDP only when told
-        # to use the CPU; otherwise each process trains its own copy, with no gradient all-reduce.
-        use_cpu=cpu_ddp,
-        ddp_backend="gloo" if cpu_ddp else None,
-        ddp_find_unused_parameters=False,
-        save_only_model=False,
-        # packed batches have no attention mask to count by, and no padding either
-        include_num_input_tokens_seen="all" if config.data.packing else "non_padding",
-        use_liger_kernel=use_liger,  # the Trainer applies Liger to the unwrapped model (vlmtune/kernels.py)
-    )
 
 
 FINISHED = "finished"
@@ -186,14 +97,6 @@ def asks_for_more(config: RunConfig, out: Path, last: Checkpoint | None) -> bool
     return t.epochs > state.get("epoch", 0.0) + 1e-9
 
 
-def resume_command(config: RunConfig) -> str:
-    """The command that continues this run from its newest complete checkpoint."""
-    out = Path(config.train.output_dir)
-    launcher = " (under the same torchrun/accelerate launcher)" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-    remote = " --trust-remote-code" if config.model.trust_remote_code else ""
-    return f"vlmtune train {out / CONFIG_NAME} train.resume=true{remote}{launcher}"
-
-
 def train(config: RunConfig, callbacks: list[TrainerCallback] | None = None) -> Path:
     """Run one fine-tuning job described by `config`; returns the run folder.
 
@@ -222,6 +125,8 @@ def _train(config: RunConfig, out: Path, callbacks: list[TrainerCallback] | None
         log(f"{out} is finished (final/ is written); nothing to do. Raise train.max_steps or train.epochs "
             "to train it further.")
         return out
+    if config.train.objective != "sft":  # DPO and GRPO: the same run, another loss (vlmtune/rl/)
+        return train_objective(config, out, resume_from, callbacks)
     if config.data.packing:  # refused before anything loads
         pack_length(config.data)
     parts = run_parts(config, training=True)  # model folder, family, dtype, attention; config.json read once
@@ -323,20 +228,11 @@ def _train(config: RunConfig, out: Path, callbacks: list[TrainerCallback] | None
     return out
 
 
-def save_now(trainer: VLMTrainer, out: Path) -> str:
-    """Save a checkpoint of the current step (unless one exists); says what is there to resume from."""
-    step = trainer.state.global_step
-    if step > 0 and not (out / f"checkpoint-{step}").is_dir():
-        trainer._save_checkpoint(trainer.model, None)
-    last, _ = newest_complete(out)
-    return f"Saved {last.path} (step {last.step})." if last else "No step had finished, so no checkpoint was saved."
-
-
 def train_command(config: str, overrides: list[str], trust_remote_code: bool = False) -> int:
     """Fine-tune a model from a YAML config, with dotted key=value overrides.
 
     Args:
-        config: YAML config file (see configs/); its sections are model, data, lora, train, eval.
+        config: YAML config file (see configs/); its sections are model, data, lora, train, dpo, grpo, eval.
         overrides: Dotted overrides such as train.max_steps=100 lora.r=8 (unknown keys are an error).
         trust_remote_code: Run the Python files of the model folder (read them first); a config alone never enables it.
     """

@@ -219,6 +219,36 @@ class Encoder:
         enc.pop("labels")
         return enc
 
+    def encode_answers(self, sample: Sample, answers: list[str]) -> list[dict[str, torch.Tensor]]:
+        """Training inputs for each of `answers` given as the reply to `sample`'s prompt turns:
+        the prompt exactly as `encode_prompt` makes it (masked, images processed once for all),
+        then the answer up to its end-of-turn token (trained), then the template's rest (masked).
+        GRPO scores its sampled answers this way, with SFT's masking."""
+        prompt = self.encode_prompt(sample)
+        messages = self.messages(sample, sample.prompt_turns())
+        prefix = self.render(messages, add_generation_prompt=True)
+        token_keys = [k for k in prompt if k in TOKEN_KEYS]
+        out = []
+        for answer in answers:
+            message = {"role": "assistant", "content": [{"type": "text", "text": answer}] if answer else []}
+            full = self.render(messages + [message])
+            if not full.startswith(prefix):
+                raise DataError(f"{sample.source}: the chat template does not render turn by turn; vlmtune cannot "
+                                "mask this template's prompts")
+            rendered = full[len(prefix):]
+            cut = self._answer_end(rendered, message)
+            trained = self.tokenizer(rendered[:cut], add_special_tokens=False)["input_ids"]
+            rest = self.tokenizer(rendered[cut:], add_special_tokens=False)["input_ids"] if rendered[cut:] else []
+            new = torch.tensor(trained + rest, dtype=torch.long)
+            item = dict(prompt)
+            for key in token_keys:
+                fill = new if key == "input_ids" else torch.ones_like(new) if key == "attention_mask" else torch.zeros_like(new)
+                item[key] = torch.cat([prompt[key], fill.to(prompt[key].dtype)])
+            item["labels"] = torch.cat([torch.full_like(prompt["input_ids"], IGNORE_INDEX),
+                                        torch.tensor(trained + [IGNORE_INDEX] * len(rest), dtype=torch.long)])
+            out.append(item)
+        return out
+
     def count_tokens(self, sample: Sample, image_sizes: dict[str, tuple[int, int]] | None = None) -> int:
         """Sequence length of `encode(sample)`; see `count_tokens_batch`.
 

@@ -25,7 +25,7 @@ from vlmtune.data.writers import WRITERS, to_flat
 from vlmtune.errors import DataError
 from vlmtune.fileio import atomic_write_text
 
-__all__ = ["FORMATS", "detect_format", "load_samples", "read_dataset", "write_samples"]
+__all__ = ["FORMATS", "detect_format", "load_samples", "read_dataset", "read_records", "write_samples"]
 
 FORMATS = ("minicpm", "qwen", "messages", "llava", "csv")
 EXTENSIONS = (".json", ".jsonl", ".csv")
@@ -90,6 +90,23 @@ def _no_records(path: str, ext: str) -> DataError:
         held = {".json": "an empty list", ".jsonl": "no record lines", ".csv": "a header row and no rows"}[ext]
     return DataError(f"{path}: holds no records ({held}); a dataset needs at least one sample. Check that the "
                      "export or `vlmtune data prepare` that wrote it finished, and that this is the right file")
+
+
+def read_records(path: str | os.PathLike) -> list:
+    """The parsed records of a .json, .jsonl or .csv file, in order (preference files are read
+    from here too: `vlmtune/data/preference.py`).
+
+    Raises:
+        DataError: no such file, unknown extension, invalid JSON, or no records at all.
+    """
+    path = os.fspath(path)
+    ext = _extension(path)
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file — check the path")
+    records = _read_records(path, ext)
+    if not records:
+        raise _no_records(path, ext)
+    return records
 
 
 def read_dataset(path: str | os.PathLike, format: str | None = None, *,

@@ -25,18 +25,25 @@ SIGMA = 6.0
 
 
 def cider_d(
-    candidates: list[list[str]], references: list[list[list[str]]], sigma: float = SIGMA
+    candidates: list[list[str]], references: list[list[list[str]]], sigma: float = SIGMA,
+    corpus: list[list[list[str]]] | None = None,
 ) -> tuple[float, list[float]]:
     """CIDEr-D of token-list candidates; references[i] holds the token lists for candidates[i].
+
+    Args:
+        corpus: the reference sets (one per image) the idf comes from; None: `references`, as
+            the COCO evaluation does. Self-critical training scores a few sampled captions at a
+            time against the training set's idf.
 
     Returns:
         (corpus score, per-image scores).
     """
     ref_counts = [[ngram_counts(r, MAX_N) for r in refs] for refs in references]
     doc_freq: Counter = Counter()
-    for refs in ref_counts:
+    idf_counts = ref_counts if corpus is None else [[ngram_counts(r, MAX_N) for r in refs] for refs in corpus]
+    for refs in idf_counts:
         doc_freq.update(set().union(*refs))
-    log_n = math.log(len(references)) if references else 0.0
+    log_n = math.log(len(idf_counts)) if idf_counts else 0.0
 
     def tfidf(counts: Counter) -> tuple[list[dict], list[float]]:
         vectors: list[dict] = [{} for _ in range(MAX_N)]

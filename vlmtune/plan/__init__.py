@@ -124,6 +124,13 @@ def make_plan(config: RunConfig, device: str = "cuda", gpus: int = 1, images: in
         notes.append("model.attn_implementation=auto is planned as sdpa; with flash-attn installed (flash_attention_2) "
                      "the padding-mask terms disappear")
     rows, length = t.batch_size, d.max_length
+    if t.objective == "dpo":  # chosen and rejected answers of each pair go through one forward together
+        rows = 2 * t.batch_size
+        notes.append(f"train.objective=dpo: {t.batch_size} pairs are {rows} rows (chosen + rejected) per forward")
+    elif t.objective == "grpo":  # every sampled answer is a row
+        rows = t.batch_size * config.grpo.num_generations
+        notes.append(f"train.objective=grpo: {t.batch_size} prompts x {config.grpo.num_generations} sampled answers = "
+                     f"{rows} rows per forward, planned at data.max_length each")
     if d.packing:  # one row of batch_size packs, kept apart by a block mask
         pack = d.pack_length or d.max_length
         rows, length, padded = 1, t.batch_size * pack, True
@@ -140,12 +147,43 @@ def make_plan(config: RunConfig, device: str = "cuda", gpus: int = 1, images: in
                   gradient_checkpointing=t.gradient_checkpointing,
                   attention=attention if attention in ("eager", "flash_attention_2") else "sdpa",
                   lora_r=config.lora.r, lora_dropout=config.lora.dropout, grad_accum=t.grad_accum, gpus=gpus,
+                  answer_only_loss=t.objective != "sft",
                   **read_deepspeed(t.deepspeed))
     trainable = Trainable.of(summary, t, config.lora)
     if not d.packing and images * tokens > d.max_length:
         notes.append(f"{images} image(s) at this pixel budget make {images * tokens} tokens, more than data.max_length="
                      f"{d.max_length}: such samples are rejected by the pre-flight check")
-    return Plan(config, summary, trainable, setup, estimate(summary, trainable, setup), tokens, images, notes)
+    found = estimate(summary, trainable, setup)
+    reference = reference_bytes(config, summary, dtype)
+    if reference:
+        found = dataclasses.replace(found, weights=found.weights + reference)
+        notes.append(f"the {t.objective} reference model is a frozen copy of the weights ({reference / 2**20:.1f} MiB, in "
+                     "'weights'): only adapters train would make it the model with its adapters off, at no cost")
+    if t.objective == "grpo":
+        notes.append(f"generation buffers (before the training forward, not at the same time): "
+                     f"{generation_bytes(config, summary, dtype, rows) / 2**20:.1f} MiB of KV cache and logits")
+    return Plan(config, summary, trainable, setup, found, tokens, images, notes)
+
+
+def reference_bytes(config: RunConfig, summary: ArchitectureSummary, dtype: int) -> int:
+    """Memory of DPO's (or GRPO's, with a KL term) reference model: none when only adapters train
+    (the reference is the model with its adapters switched off), else a frozen copy of the weights."""
+    t = config.train
+    if t.objective == "sft" or (t.objective == "grpo" and config.grpo.beta == 0):
+        return 0
+    adapters_only = t.method != "full" and t.freeze_vision and t.freeze_projector and not config.lora.modules_to_save
+    if adapters_only:
+        return 0
+    per_weight = 0.5 + 1 / 64 if t.method == "qlora" else dtype
+    return int(sum(summary.parameters_by_part().values()) * per_weight)
+
+
+def generation_bytes(config: RunConfig, summary: ArchitectureSummary, dtype: int, rows: int) -> int:
+    """GRPO's sampling: the KV cache of `rows` sequences of data.max_length + grpo.max_new_tokens
+    positions in every language-model layer, plus one step's fp32 logits."""
+    positions = config.data.max_length + config.grpo.max_new_tokens
+    llm = summary.llm
+    return rows * positions * llm.layers * 2 * llm.kv_dim * dtype + rows * summary.vocab * 4
 
 
 # --- suggestions ----------------------------------------------------------------------------

@@ -126,6 +126,7 @@ class Setup:
     reduce_bucket: int | None = None  # DeepSpeed reduce_bucket_size in elements; None: "auto" (hidden^2)
     max_live_params: int | None = None  # ZeRO-3 stage3_max_live_parameters; None: DeepSpeed's default 1e9
     liger: bool = False  # Liger kernels: fused linear cross-entropy, RMSNorm and SwiGLU
+    answer_only_loss: bool = False  # DPO/GRPO: log-softmax over the answer tokens only; the logits' gradient is one e*V per token
 
     @property
     def autocast(self) -> bool:  # vlmtune trains 16-bit weights under autocast (Trainer bf16/fp16)
@@ -410,6 +411,8 @@ def estimate(summary: ArchitectureSummary, trainable: Trainable, setup: Setup) -
     # gradient chunk by chunk in the forward and keeps only that gradient
     loss_kept = e * llm.hidden * T if setup.liger else F32 * summary.vocab * T
     loss_grad = F32 * llm.hidden * T if setup.liger else 2 * F32 * summary.vocab * T
+    if setup.answer_only_loss:  # vlmtune/rl/losses.py: nothing of vocabulary width kept, one dense logits gradient
+        loss_kept, loss_grad = 0, e * summary.vocab * T
 
     vision_kept = projector_kept = vision_block = 0
     if vision_grad:

@@ -52,8 +52,8 @@ def _line(ax, steps, values, colour, label=None):
 
 
 def curves(records: list[dict[str, float]]) -> list[Plot]:
-    """Loss (train and eval on the same axes), learning rate, grad norm, and one small plot per
-    `val_*` metric; a curve with no points is left out."""
+    """Loss (train and eval on the same axes), learning rate, grad norm, DPO's margin and GRPO's
+    rewards and KL, and one small plot per `val_*` metric; a curve with no points is left out."""
     plots = []
     loss, eval_loss = series(records, "loss"), series(records, "eval_loss")
     if loss[0] or eval_loss[0]:
@@ -72,6 +72,15 @@ def curves(records: list[dict[str, float]]) -> list[Plot]:
             if key == "learning_rate":
                 ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
             plots.append(Plot(title, png_uri(fig), "small"))
+    # DPO's chosen/rejected margin, GRPO's reward (and each reward's mean when there are several)
+    rl_keys = ["rewards/margins", "reward", "kl"]
+    rl_keys += sorted({k for r in records for k in r if k.startswith("rewards/") and k.endswith("/mean")})
+    for key in rl_keys:
+        steps, values = series(records, key)
+        if steps:
+            fig, ax = _axes(4.6, 3.4, {"reward": "Reward (sampled answers)", "rewards/margins": "DPO margin"}.get(key, key))
+            _line(ax, steps, values, TRAIN_COLOUR)
+            plots.append(Plot(key, png_uri(fig), "small"))
     val_keys = sorted({k for r in records for k in r if k.startswith("val_")})
     for key in val_keys:
         steps, values = series(records, key)

@@ -64,7 +64,7 @@ def read_run(folder: str | Path) -> RunData:
     except yaml.YAMLError as e:
         raise VlmtuneError(f"{config_path}: not valid YAML ({e})") from None
     if not isinstance(config, dict):
-        raise VlmtuneError(f"{config_path}: expected a mapping of sections (model, data, lora, train, eval)")
+        raise VlmtuneError(f"{config_path}: expected a mapping of sections (model, data, lora, train, dpo, grpo, eval)")
     run = RunData(folder, config_text, config, config_path.stat().st_mtime)
 
     metrics_path = folder / "metrics.jsonl"
