@@ -23,6 +23,7 @@ SCRIPT = ROOT / "bench" / "gpu.py"
 sys.path.insert(0, str(ROOT / "bench"))
 
 
+@pytest.mark.long
 def test_smoke_run_writes_figures_for_every_pipeline(tmp_path):
     out = tmp_path / "gpu.json"
     # images enlarged 2x: every formula is sliced by the tiny MiniCPM processor (56 px slices)

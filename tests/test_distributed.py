@@ -19,6 +19,7 @@ N_SAMPLES = 6
 WORLD = 2
 
 
+@pytest.mark.long
 @pytest.mark.skipif(sys.platform == "win32", reason="gloo on Windows is not supported here")
 def test_torchrun_two_processes_train_and_write_once(tiny_qwen2_vl, qwen2_vl_parts, tmp_path):
     # Six samples with the same text, so every sample has the same token count L and the tokens

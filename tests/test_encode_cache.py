@@ -199,6 +199,7 @@ def test_a_damaged_entry_is_reported_encoded_again_and_rewritten(qwen2_vl_parts,
     assert cache.hits == 1
 
 
+@pytest.mark.long
 def test_a_second_run_reads_the_cache_and_trains_the_same(tiny_qwen2_vl, caption_data, tmp_path):
     cache_dir = tmp_path / "cache"
     logs, stamps = [], []

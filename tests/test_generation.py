@@ -61,6 +61,7 @@ def test_rows_of_one_batch_keep_their_own_limit_and_stops(gen, samples):
     assert together[0].completion_tokens == 3 and together[1].finish_reason == "stop"
 
 
+@pytest.mark.long
 def test_seeded_sampling_repeats_itself(gen, samples):
     def draw_with(seed: int) -> str:
         return gen.complete(samples[:1], LIMIT, Sampling(temperature=1.0, top_p=0.95, seed=seed))[0].text

@@ -22,6 +22,8 @@ from vlmtune.infer import ChatSession
 from vlmtune.train import train
 
 # (colour, shape, side): two image sizes, so prompts differ in length (4 or 16 image tokens)
+pytestmark = pytest.mark.long  # one fully trained tiny model shared by every test here
+
 SHAPES = [("red", "circle", 112), ("blue", "square", 56), ("green", "triangle", 112), ("yellow", "circle", 56)]
 Q1, Q2 = "What is this?", "And the colour?"
 PROMPTS = [Q1, "Describe the picture.", "What is in the image? Describe the picture.", Q1]  # for predict

@@ -124,6 +124,7 @@ def one_epoch(model, data: str, out, grouped: bool, n: int) -> list[tuple[torch.
     return recorder.batches
 
 
+@pytest.mark.long
 def test_vlmtune_train_groups_batches_by_length(tiny_qwen2_vl, qwen2_vl_parts, tmp_path):
     n = 64  # with batch 4, transformers' grouping sorts mega-batches of 4 batches
     data = write_json(tmp_path / "train.json", mixed_records(tmp_path, n))

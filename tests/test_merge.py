@@ -211,6 +211,7 @@ def test_existing_non_empty_out_is_never_overwritten(runs, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("family", ["minicpmv4_6", "minicpmv4_7"])
 def test_minicpm_v4_merges_through_plain_transformers(runs, tmp_path, family):
     """MiniCPM-V 4.6 / 4.7 are transformers' own classes: LoRA with a trained merger, merge, reload."""

@@ -16,6 +16,7 @@ from vlmtune.data.formats import load_samples
 from vlmtune.parts import run_parts
 
 
+@pytest.mark.long
 def test_one_train_reads_the_models_config_json_once_in_vlmtune(tiny_qwen2_vl, caption_data, tmp_path):
     # An audit hook sees every open(); it cannot be removed, so it runs in its own process. Opens
     # made by transformers (processor and model loading) are counted apart: only vlmtune's own

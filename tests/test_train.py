@@ -198,6 +198,7 @@ def resume_overrides(tiny, data, out, *extra):
                           "train.learning_rate=0.001", *extra)
 
 
+@pytest.mark.long
 def test_resume_continues_an_interrupted_run(tiny_qwen2_vl, caption_data, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):

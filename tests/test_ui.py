@@ -208,6 +208,7 @@ def drive(page, port: int, image: str, run: Path, shots: Path) -> None:
                 page.locator("#vt-train-config input").input_value().endswith(".yaml")
 
 
+@pytest.mark.long
 def test_train_job_runs_in_a_subprocess_and_stops_with_a_checkpoint(tiny_qwen2_vl, caption_data, tmp_path,
                                                                      monkeypatch):
     from conftest import base_overrides
