@@ -12,11 +12,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-<<<<<<< HEAD
-.PHONY: install demo test test-fast bench gpu-check clean
-=======
-.PHONY: install demo demo-rl test test-fast bench clean
->>>>>>> rl
+.PHONY: install demo demo-rl test test-fast bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -11,7 +11,6 @@ vlmtune adds the collator, the per-part optimizer groups and complete checkpoint
 
 from __future__ import annotations
 
-import signal
 import sys
 from pathlib import Path
 
@@ -19,14 +18,14 @@ import torch
 from transformers import TrainerCallback, set_seed
 
 from vlmtune.callbacks import JsonlMetrics
-from vlmtune.checkpoints import Checkpoint, checkpoints, inspect, newest_complete, trainer_state, trim_metrics
+from vlmtune.checkpoints import Checkpoint, checkpoints, inspect, newest_complete, trainer_state
 from vlmtune.config import CONFIG_NAME, RunConfig, load_config, save_config
 from vlmtune.data.collate import Collator, EncodedDataset
 from vlmtune.data.encode_cache import EncodeCache
 from vlmtune.data.packing import PackingCollator, check_packable, check_packing_attention, pack_length, packed_dataset
 from vlmtune.data.load import data_cache_root, load_data
 from vlmtune.distributed import fsdp_settings
-from vlmtune.errors import BadSampleError, ConfigError, Stopped
+from vlmtune.errors import ConfigError
 from vlmtune.fileio import clean_stale_temps
 from vlmtune.kernels import resolve_liger
 from vlmtune.parts import run_parts
@@ -36,7 +35,7 @@ from vlmtune.runlock import RunLock, describe_previous
 from vlmtune.scoring import first_items
 from vlmtune.tracking import start_trackers
 from vlmtune.train_parts import kept_lengths  # noqa: F401  (re-exported: moved there from here)
-from vlmtune.train_parts import is_main_process, log, preflight, resume_command, save_now, training_arguments
+from vlmtune.train_parts import is_main_process, log, preflight, run_trainer, training_arguments
 from vlmtune.trainer import VLMTrainer
 from vlmtune.tuning import prepare_model, trainable_summary, upcast_trainable
 from vlmtune.vision_cache import VisionCacheReport, VisionFeatureCache, check_config
@@ -201,31 +200,7 @@ def _train(config: RunConfig, out: Path, callbacks: list[TrainerCallback] | None
         vision_cache=vision_cache,
         guard=DivergenceGuard(config.train.max_loss_spike, fp16_scaling=dtype == torch.float16, log=log),
     )
-    if resume_from is not None:
-        dropped = trim_metrics(out / "metrics.jsonl", resume_from.step) if is_main_process() else 0
-        log(f"resuming from {resume_from.path} (step {resume_from.step})"
-            + (f"; dropped {dropped} metrics.jsonl record(s) logged after it" if dropped else ""))
-    elif is_main_process():
-        trim_metrics(out / "metrics.jsonl", 0)  # a run that died before its first checkpoint
-    stopper.install()
-    try:
-        trainer.train(resume_from_checkpoint=str(resume_from.path) if resume_from else None)
-    except BadSampleError as e:
-        saved = save_now(trainer, out)
-        raise BadSampleError(f"{e}. {saved} Fix or remove that record (or set data.on_bad_sample=skip), then "
-                             f"resume with: {resume_command(config)}") from None
-    finally:
-        stopper.uninstall()
-    step = trainer.state.global_step
-    if stopper.signum is not None and step < trainer.state.max_steps:
-        last, _ = newest_complete(out)
-        raise Stopped(f"{signal.Signals(stopper.signum).name} at step {step} of {trainer.state.max_steps}: saved "
-                      f"{last.path if last else 'no checkpoint'}. Resume with: {resume_command(config)}",
-                      stopper.exit_code)
-
-    trainer.save_final(out / "final")
-    log(f"done: run folder {out}, final weights in {out / 'final'}")
-    return out
+    return run_trainer(trainer, config, out, resume_from, stopper, 'Fix or remove that record (or set data.on_bad_sample=skip)')
 
 
 def train_command(config: str, overrides: list[str], trust_remote_code: bool = False) -> int:

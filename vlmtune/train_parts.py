@@ -127,3 +127,43 @@ def save_now(trainer, out: Path) -> str:
         trainer._save_checkpoint(trainer.model, None)
     last, _ = newest_complete(out)
     return f"Saved {last.path} (step {last.step})." if last else "No step had finished, so no checkpoint was saved."
+
+
+def run_trainer(trainer, config: RunConfig, out: Path, resume_from, stopper, fix: str) -> Path:
+    """Train (from `resume_from`, a complete checkpoint, or from the start), then write `final/`:
+    the end every objective's run shares. A bad sample saves a checkpoint and says how to resume
+    (`fix`: what to do about the record); Ctrl-C or SIGTERM (`stopper`, a `GracefulStop`) stops
+    with the resume command.
+
+    Raises:
+        BadSampleError: a record failed mid-run under data.on_bad_sample=error.
+        Stopped: a signal ended the run before its last step.
+    """
+    import signal
+
+    from vlmtune.checkpoints import trim_metrics
+    from vlmtune.errors import BadSampleError, Stopped
+
+    if resume_from is not None:
+        dropped = trim_metrics(out / "metrics.jsonl", resume_from.step) if is_main_process() else 0
+        log(f"resuming from {resume_from.path} (step {resume_from.step})"
+            + (f"; dropped {dropped} metrics.jsonl record(s) logged after it" if dropped else ""))
+    elif is_main_process():
+        trim_metrics(out / "metrics.jsonl", 0)  # a run that died before its first checkpoint
+    stopper.install()
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_from.path) if resume_from else None)
+    except BadSampleError as e:
+        saved = save_now(trainer, out)
+        raise BadSampleError(f"{e}. {saved} {fix}, then resume with: {resume_command(config)}") from None
+    finally:
+        stopper.uninstall()
+    step = trainer.state.global_step
+    if stopper.signum is not None and step < trainer.state.max_steps:
+        last, _ = newest_complete(out)
+        raise Stopped(f"{signal.Signals(stopper.signum).name} at step {step} of {trainer.state.max_steps}: saved "
+                      f"{last.path if last else 'no checkpoint'}. Resume with: {resume_command(config)}",
+                      stopper.exit_code)
+    trainer.save_final(out / "final")
+    log(f"done: run folder {out}, final weights in {out / 'final'}")
+    return out

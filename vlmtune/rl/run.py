@@ -17,27 +17,26 @@ keeps its own encoding and checkpoints and computes the same losses (`vlmtune/rl
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 
 import torch
 from transformers import TrainerCallback, set_seed
 
 from vlmtune.callbacks import JsonlMetrics
-from vlmtune.checkpoints import Checkpoint, newest_complete, trim_metrics
+from vlmtune.checkpoints import Checkpoint
 from vlmtune.config import RunConfig, save_config
 from vlmtune.data.check import apply_policy
 from vlmtune.data.collate import Collator, EncodedDataset
 from vlmtune.data.load import data_cache_root, load_data
 from vlmtune.data.preference import PairCollator, PairDataset, check_pairs, load_pairs
-from vlmtune.errors import BadSampleError, ConfigError, Stopped
+from vlmtune.errors import ConfigError
 from vlmtune.parts import RunParts, run_parts
 from vlmtune.rl.rewards import load_rewards
 from vlmtune.rl.trainers import DPOTrainer, GRPOTrainer, adapters_only
 from vlmtune.run_guard import DivergenceGuard, GracefulStop
 from vlmtune.scoring import first_items, group_items
 from vlmtune.tracking import start_trackers
-from vlmtune.train_parts import is_main_process, log, preflight, resume_command, save_now, training_arguments
+from vlmtune.train_parts import is_main_process, log, preflight, run_trainer, training_arguments
 from vlmtune.tuning import prepare_model, trainable_summary, upcast_trainable
 
 
@@ -148,30 +147,7 @@ def train_objective(config: RunConfig, out: Path, resume_from: Checkpoint | None
                               temperature=g.temperature, max_new_tokens=g.max_new_tokens, beta=g.beta,
                               scale_rewards=g.scale_rewards, **common)
 
-    if resume_from is not None:
-        dropped = trim_metrics(out / "metrics.jsonl", resume_from.step) if is_main_process() else 0
-        log(f"resuming from {resume_from.path} (step {resume_from.step})"
-            + (f"; dropped {dropped} metrics.jsonl record(s) logged after it" if dropped else ""))
-    elif is_main_process():
-        trim_metrics(out / "metrics.jsonl", 0)
-    stopper.install()
-    try:
-        trainer.train(resume_from_checkpoint=str(resume_from.path) if resume_from else None)
-    except BadSampleError as e:
-        saved = save_now(trainer, out)
-        raise BadSampleError(f"{e}. {saved} Fix or remove that record, then resume with: "
-                             f"{resume_command(config)}") from None
-    finally:
-        stopper.uninstall()
-    step = trainer.state.global_step
-    if stopper.signum is not None and step < trainer.state.max_steps:
-        last, _ = newest_complete(out)
-        raise Stopped(f"{signal.Signals(stopper.signum).name} at step {step} of {trainer.state.max_steps}: saved "
-                      f"{last.path if last else 'no checkpoint'}. Resume with: {resume_command(config)}",
-                      stopper.exit_code)
-    trainer.save_final(out / "final")
-    log(f"done: run folder {out}, final weights in {out / 'final'}")
-    return out
+    return run_trainer(trainer, config, out, resume_from, stopper, 'Fix or remove that record')
 
 
 class _GrpoCollator:
