@@ -34,7 +34,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                         "vlmtune.runlock", "vlmtune.run_guard", "vlmtune.tracking", "vlmtune.callbacks",
                         "vlmtune.distributed")),
     ("training", ("vlmtune.train", "vlmtune.trainer", "vlmtune.rl")),
-    ("commands", ("vlmtune.data_commands", "vlmtune.evaluate", "vlmtune.infer", "vlmtune.serve", "vlmtune.merge", "vlmtune.report",
+    ("commands", ("vlmtune.data_commands", "vlmtune.make_pairs", "vlmtune.evaluate", "vlmtune.infer", "vlmtune.serve", "vlmtune.merge", "vlmtune.report",
                   "vlmtune.plan", "vlmtune.demo", "vlmtune.ui")),
     ("cli", ("vlmtune.cli",)),
 ]

@@ -30,6 +30,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data split": ("vlmtune.data.convert:split_command", "Split a dataset into train and validation files, reproducibly."),
     "data prepare": ("vlmtune.data.prepare:prepare_command", "Download or read a dataset and write a training file (latex-ocr, coco-caption, generic)."),
     "data stats": ("vlmtune.data_commands:stats_command", "Sample, image and token-length statistics with a histogram."),
+    "data make-pairs": ("vlmtune.make_pairs:make_pairs_command",
+                        "DPO preference pairs from a model's own sampled answers, scored by the task metric."),
     "eval": ("vlmtune.evaluate:eval_command", "Evaluate a run, checkpoint or model on a dataset with task metrics."),
     "predict": ("vlmtune.infer:predict_command", "Batched generation over a dataset to JSONL."),
     "chat": ("vlmtune.infer:chat_command", "Chat with a model (interactive, or one-shot with --prompt/--image)."),
