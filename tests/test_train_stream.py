@@ -29,7 +29,7 @@ from vlmtune.data.encode import Encoder
 from vlmtune.data.formats import load_samples
 from vlmtune.data.shards import write_shards
 from vlmtune.data.stream import CheckedStream, stream_samples
-from vlmtune.errors import ConfigError
+from vlmtune.errors import BadSampleError, ConfigError
 
 RTOL = 1e-5  # stream against file, per step: the same samples in another order within the batch
 STREAM = ["data.stream=true", "data.group_by_length=false"]
@@ -92,9 +92,10 @@ def bad_stream(tmp_path) -> str:
 
 def test_a_bad_record_mid_stream_is_skipped_and_listed_once(tiny_qwen2_vl, bad_stream, tmp_path):
     out = tmp_path / "skip"
+    val = write_json(tmp_path / "val.json", caption_records(2, tmp_path, "v"))
     # 5 steps of 2 records: 10 good records read, so the stream comes round and meets record 5 twice
     result = run_cli(train_args(tmp_path, tiny_qwen2_vl, bad_stream, out, *STREAM, "train.max_steps=5",
-                                "data.stream_check_samples=4", "data.on_bad_sample=skip"))
+                                "data.stream_check_samples=4", "data.on_bad_sample=skip", f"data.val={val}"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "a sample: the first 4 records of the stream:\n4 samples, 4 ok, 0 with problems" in result.stdout
     assert f"bad ones are skipped and listed in {out / 'rejected_train.jsonl'}" in result.stdout
@@ -103,6 +104,8 @@ def test_a_bad_record_mid_stream_is_skipped_and_listed_once(tiny_qwen2_vl, bad_s
         (f"{bad_stream}[train]:5", "b5", ["turn 1 (assistant) is empty"], "streaming")]
     assert result.stdout.count(f"skipping {bad_stream}[train]:5: turn 1 (assistant) is empty") == 1
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4, 5]
+    # no train.eval_steps: a stream has no epochs to end, so validation runs once, at the end
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "eval_loss" in r] == [5]
     assert (out / "final").is_dir()
 
 
@@ -240,6 +243,22 @@ def test_dataloader_workers_share_a_part_and_name_their_records(small_stream, qw
         list(torch.utils.data.DataLoader(broken, batch_size=None, num_workers=2))
     sources = sorted(r["source"] for r in read_jsonl(rejected))
     assert sources[:2] == [f"{small_stream}[train] worker 0/2:0", f"{small_stream}[train] worker 0/2:1"]
+
+
+def test_an_image_that_fails_to_decode_mid_stream_follows_the_policy(qwen2_vl_parts, tmp_path):
+    """Its header reads, so the check passes it; its pixels do not, so encoding fails."""
+    records = caption_records(3, tmp_path, "c")
+    whole = (tmp_path / "images" / "c1.png").read_bytes()
+    (tmp_path / "images" / "c1.png").write_bytes(whole[: len(whole) // 2])
+    data = shards(tmp_path, records, 1)
+    encoder = Encoder(*qwen2_vl_parts)
+    rejected = tmp_path / "rejected.jsonl"
+    items = list(CheckedStream(partial(stream_samples, data), encoder, 200, "skip", rejected))
+    assert len(items) == 2
+    (line,) = read_jsonl(rejected)
+    assert line["source"] == f"{data}[train]:1" and line["problems"][0].startswith("cannot be loaded (OSError")
+    with pytest.raises(BadSampleError, match=r"\[train\]:1: cannot be loaded \(OSError"):
+        list(CheckedStream(partial(stream_samples, data), encoder, 200, "error", rejected))
 
 
 @pytest.fixture

@@ -188,9 +188,10 @@ def training_stream(config: RunConfig, encoder: Encoder, rejected: Path, rank: i
     report, head = sample_check(open_stream(), d.stream_check_samples, encoder, d.max_length, d.deep_check)
     part = f"rank {rank}/{world_size}'s part of " if world_size > 1 else ""
     if not head:
-        raise DataError(f"{d.train}[{d.stream_split}]: the stream gives {f'rank {rank}/{world_size}' if part else 'this run'} "
-                        "no records — check the dataset and data.stream_split"
-                        + (" (a rank gets none when the stream has fewer records than there are ranks)" if part else ""))
+        reader = f"rank {rank}/{world_size}" if part else "this run"
+        raise DataError(f"{d.train}[{d.stream_split}]: the stream gives {reader} no records — check the dataset and "
+                        "data.stream_split" + (" (a rank gets none when the stream has fewer records than there are "
+                                               "ranks)" if part else ""))
     sample = f"a sample: the first {len(head)} records of {part}the stream"
     log(f"train data: streamed from {d.train} (split {d.stream_split}); "
         + (f"each of the {world_size} ranks reads its own part; " if world_size > 1 else "")
