@@ -39,7 +39,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: str = ""  # training file (JSON, JSONL or CSV, any supported format), or a folder of Parquet/Arrow shards
+    train: str = ""  # training file (JSON, JSONL or CSV, any supported format), or a folder of Parquet/Arrow shards; with data.stream, a hub id or shard folder
     val: str | None = None  # validation file; None: split val_size samples off the training file
     val_size: float = 0.0  # images (>= 1) or a fraction of them (< 1) split off `train` when `val` is not given; all records of an image go to one side
     format: str | None = None  # minicpm | qwen | messages | llava | csv; None: detected per record
@@ -59,6 +59,9 @@ class DataConfig:
     cache_dir: str | None = None  # save encoded samples here (safetensors) and reuse them in later epochs and runs
     num_proc: int | None = None  # processes that read and pre-flight check the data; None: every core
     deep_check: bool = False  # pre-flight: decode every image fully (finds truncated files) instead of reading headers
+    stream: bool = False  # read data.train as a stream: a hub id or local folder in the shard layout (`data prepare --shards`), never stored; each rank reads its own part; needs train.max_steps
+    stream_split: str = "train"  # the split of the streamed dataset (data.stream)
+    stream_check_samples: int = 200  # data.stream: the pre-flight check runs on each rank's first N records; every record is checked again as it arrives
 
 
 @dataclass
@@ -219,7 +222,7 @@ def _parse_override(item: str) -> tuple[list[str], object]:
 
 
 _STRING_KEYS = {"run_name", "revision", "project", "output_dir", "name_or_path", "train", "val", "prompt",
-                "cache_dir"}
+                "cache_dir", "stream_split"}
 
 
 def _number(value) -> bool:
@@ -273,6 +276,7 @@ RANGES: tuple[tuple[str, Callable, str], ...] = (
     ("data.num_workers", *at_least(0)),
     ("data.num_proc", *at_least(1)),
     ("data.pack_length", *at_least(1)),
+    ("data.stream_check_samples", *at_least(1)),
     ("lora.r", *at_least(1)),
     ("lora.alpha", *above(0)),
     ("lora.dropout", *fraction()),
@@ -319,6 +323,36 @@ def check_ranges(config: RunConfig) -> None:
             raise ConfigError(f"{key}={value!r}: must be {allowed}")
 
 
+def check_stream(config: RunConfig) -> None:
+    """With `data.stream`, refuse what needs the whole training set before the first step: a
+    stream has no length and is read once, in order, as it arrives (`vlmtune/data/stream.py`).
+
+    Raises:
+        ConfigError: the first such setting, with what to set instead.
+    """
+    d, t = config.data, config.train
+    if not d.stream:
+        return
+    why = f"data.stream=true (data.train={d.train or '?'} is read as it arrives, so its length and contents are unknown " \
+          "before training)"
+    refused = [
+        (t.max_steps <= 0, "train.epochs cannot be counted: set train.max_steps, the number of optimizer steps "
+                           "(the stream starts again from its first record whenever it runs out)"),
+        (t.objective != "sft", f"train.objective={t.objective} is not trained from a stream: SFT only; give a file "
+                               "or shard folder and set data.stream=false"),
+        (d.group_by_length, "data.group_by_length=true batches by the token lengths of the whole set: set "
+                            "data.group_by_length=false (batches follow the stream's order)"),
+        (d.packing, "data.packing=true plans packs from every sample's token length: set data.packing=false"),
+        (d.val_size > 0 and not d.val, f"data.val_size={d.val_size:g} splits images off the whole set: give data.val "
+                                       "(a file or shard folder) or set data.val_size=0"),
+        (d.cache_dir is not None, "data.cache_dir keeps parsed records, check results and encoded samples of a stored "
+                                  "file; a stream is not stored: unset data.cache_dir"),
+    ]
+    for wrong, what in refused:
+        if wrong:
+            raise ConfigError(f"{why}: {what}")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML config and apply dotted `key=value` overrides.
 
@@ -347,6 +381,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     try:
         config = _build(RunConfig, data, "")
         check_ranges(config)
+        check_stream(config)
         return config
     except ConfigError as e:
         raise ConfigError(f"{path or 'config'}: {e}") from None

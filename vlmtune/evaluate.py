@@ -187,6 +187,9 @@ def eval_command(target: str | None = None, /, model: str | None = None, adapter
             raise VlmtuneError("no --data given and the run config names no dataset")
         from vlmtune.data.load import load_data
 
+        if c.data.stream and not c.data.val:
+            raise VlmtuneError(f"the run trained on a stream (data.train={c.data.train}) and names no data.val: "
+                               "give the data to evaluate on with --data FILE")
         samples = load_data(c)[1] or load_samples(c.data.train, c.data.format)
     else:
         samples = load_samples(data, c.data.format)

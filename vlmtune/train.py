@@ -11,6 +11,7 @@ vlmtune adds the collator, the per-part optimizer groups and complete checkpoint
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -19,11 +20,12 @@ from transformers import TrainerCallback, set_seed
 
 from vlmtune.callbacks import JsonlMetrics
 from vlmtune.checkpoints import Checkpoint, checkpoints, inspect, newest_complete, trainer_state
-from vlmtune.config import CONFIG_NAME, RunConfig, load_config, save_config
+from vlmtune.config import CONFIG_NAME, RunConfig, check_stream, load_config, save_config
 from vlmtune.data.collate import Collator, EncodedDataset
 from vlmtune.data.encode_cache import EncodeCache
 from vlmtune.data.packing import PackingCollator, check_packable, check_packing_attention, pack_length, packed_dataset
 from vlmtune.data.load import data_cache_root, load_data
+from vlmtune.data.stream import training_stream
 from vlmtune.distributed import fsdp_settings
 from vlmtune.errors import ConfigError
 from vlmtune.fileio import clean_stale_temps
@@ -105,6 +107,7 @@ def train(config: RunConfig, callbacks: list[TrainerCallback] | None = None) -> 
         callbacks: extra `TrainerCallback`s (bench/train_speed.py times the steps with one).
     """
     fsdp_settings(config.train)  # a bad train.fsdp is refused before anything loads
+    check_stream(config)  # so is what a stream cannot do (data.stream)
     out = Path(config.train.output_dir)
     lock = RunLock(out).acquire() if is_main_process() else None
     try:
@@ -138,7 +141,13 @@ def _train(config: RunConfig, out: Path, callbacks: list[TrainerCallback] | None
 
     out.mkdir(parents=True, exist_ok=True)
     train_samples, val_samples = load_data(config, data_cache_root(config, out), progress=is_main_process())
-    train_samples, train_lengths = preflight(train_samples, encoder, config, out, "train")
+    stream = None
+    if config.data.stream:  # read as it arrives, each rank its own part; checked on a sample first (data/stream.py)
+        stream = training_stream(config, encoder, out / "rejected_train.jsonl", int(os.environ.get("RANK", "0")),
+                                 int(os.environ.get("WORLD_SIZE", "1")), log)
+        train_lengths = None
+    else:
+        train_samples, train_lengths = preflight(train_samples, encoder, config, out, "train")
     if val_samples:
         val_samples, _ = preflight(val_samples, encoder, config, out, "val")
     if is_main_process():
@@ -172,8 +181,12 @@ def _train(config: RunConfig, out: Path, callbacks: list[TrainerCallback] | None
     cache = EncodeCache(config.data.cache_dir, encoder) if config.data.cache_dir else None
     keys = vision_cache is not None
     policy = config.data.on_bad_sample
-    train_data = GuardedSamples(EncodedDataset(train_samples, encoder, cache=cache, image_keys=keys), train_samples,
-                                policy, out / "rejected_train.jsonl", substitute=not config.data.packing)
+    if stream is not None:
+        train_data = stream
+    else:
+        train_data = GuardedSamples(EncodedDataset(train_samples, encoder, cache=cache, image_keys=keys),
+                                    train_samples, policy, out / "rejected_train.jsonl",
+                                    substitute=not config.data.packing)
     collator = Collator(parts.pad_id, concat_dims=family.concat_dims)
     if config.data.packing:  # vlmtune/data/packing.py
         train_data, packing_summary = packed_dataset(train_data, train_lengths, pack_length(config.data),

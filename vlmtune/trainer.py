@@ -2,6 +2,7 @@
 
 - optimizer groups per model part (vision_lr, projector_lr);
 - length-grouped batches from the pre-flight token counts;
+- a streamed dataset read by each rank for itself (its own part), never dispatched or re-sharded;
 - generation on a validation subset at every evaluation, logged as `val_<metric>` with
   (image, prediction, reference) triples sent to the trackers;
 - reuse of frozen vision features;
@@ -19,6 +20,8 @@ import shutil
 from pathlib import Path
 
 import torch
+from accelerate.data_loader import prepare_data_loader
+from torch.utils.data import DataLoader
 from transformers import Trainer
 from transformers.trainer_utils import rotate_checkpoints
 
@@ -27,6 +30,7 @@ from vlmtune.config import RunConfig, save_config
 from vlmtune.data.collate import LengthGroupedSampler
 from vlmtune.data.encode import Encoder
 from vlmtune.data.sample import Sample
+from vlmtune.data.stream import CheckedStream
 from vlmtune.distributed import install_vision_pass
 from vlmtune.errors import Diverged
 from vlmtune.fileio import TEMP_MARK, disk_full_error, host, remove
@@ -101,6 +105,23 @@ class VLMTrainer(Trainer):
             raise Diverged(str(e) + divergence_advice(self.run_config, str(last.path) if last else None)) from None
 
     # -- data and optimizer -----------------------------------------------------------------
+    def get_train_dataloader(self):
+        if not isinstance(self.train_dataset, CheckedStream):
+            return super().get_train_dataloader()
+        # A stream already holds this rank's own part (vlmtune/data/stream.py). Prepared by the
+        # accelerator, an iterable dataset is either read by rank 0 alone and its batches sent to
+        # the others (accelerate's default, dispatch_batches) or read whole by every rank, each
+        # keeping one batch in N (IterableDatasetShard). So this loader is wrapped as a one-process
+        # loader: each rank iterates its own stream; only the device placement is added.
+        args = self.args
+        loader = DataLoader(self.train_dataset, batch_size=self._train_batch_size, collate_fn=self.data_collator,
+                            num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory,
+                            persistent_workers=args.dataloader_persistent_workers,
+                            prefetch_factor=args.dataloader_prefetch_factor,
+                            multiprocessing_context=args.dataloader_multiprocessing_context)
+        return prepare_data_loader(loader, self.accelerator.device, num_processes=1, process_index=0,
+                                   put_on_device=True, dispatch_batches=False)
+
     def _get_train_sampler(self, train_dataset=None):
         if self.train_lengths is None:
             return super()._get_train_sampler(train_dataset)

@@ -33,8 +33,9 @@ def split_val(samples, size: float, seed: int) -> tuple:
 
 
 def load_data(config: RunConfig, cache_root: str | Path | None = None,
-              progress: bool = True) -> tuple[SampleTable, list[Sample]]:
+              progress: bool = True) -> tuple[SampleTable | None, list[Sample]]:
     """(train, val): `data.val` when given, else `data.val_size` images split off `data.train`.
+    With `data.stream` the training side is None: it is read as it arrives (`vlmtune/data/stream.py`).
 
     Args:
         cache_root: keep the parsed records here (`data_cache_root`); None keeps them in memory.
@@ -46,6 +47,8 @@ def load_data(config: RunConfig, cache_root: str | Path | None = None,
     if not config.data.train:
         raise ConfigError("data.train is not set: give the training file, e.g. data.train=data/train.json")
     d = config.data
+    if d.stream:
+        return None, list(open_records(d.val, d.format, cache_root, d.num_proc, progress)) if d.val else []
     train = open_records(d.train, d.format, cache_root, d.num_proc, progress)
     if d.val:
         return train, list(open_records(d.val, d.format, cache_root, d.num_proc, progress))
