@@ -141,3 +141,21 @@ def run(args: list[str], env: dict[str, str], timeout: float = 240,
     finally:
         shutil.rmtree(child._dir, ignore_errors=True)
     return subprocess.CompletedProcess(["vlmtune", *args], child.returncode, out, err)
+
+
+def wait_for_lines(process, path, n: int, timeout: float = 120) -> None:
+    """Wait until `path` holds at least `n` lines written by the running command `process`; fail the
+    test if the command ends first or the lines do not come within `timeout` seconds."""
+    import time
+
+    import pytest
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and len(path.read_bytes().splitlines()) >= n:
+            return
+        if process.poll() is not None:
+            pytest.fail(f"the command ended (rc {process.returncode}) before {n} lines in {path}: {process.read()[1]}")
+        time.sleep(0.05)
+    process.kill()
+    pytest.fail(f"no {n} lines in {path} after {timeout} s")

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 from pathlib import Path
 
 import pytest
 from conftest import draw, read_jsonl, run_cli, start_cli, write_json
 
 from vlmtune import cli
+from cli_process import wait_for_lines
 
 N_SLOW = 400  # prompts for the interrupted runs: far more than finish before the signal
 
@@ -57,18 +57,6 @@ def start_predict(tmp_path: Path, model: Path):
     process = start_cli(["predict", "--model", str(model), "--data", data, "--out", str(out), "--batch-size", "1",
                          "--max-new-tokens", "24"])
     return process, out
-
-
-def wait_for_lines(process, path: Path, n: int, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and len(path.read_text(encoding="utf-8").splitlines()) >= n:
-            return
-        if process.poll() is not None:
-            pytest.fail(f"predict ended (rc {process.returncode}) before writing {n} lines: {process.read()[1]}")
-        time.sleep(0.05)
-    process.kill()
-    pytest.fail(f"no {n} lines in {path} after {timeout} s")
 
 
 def finished_rows(path: Path) -> list[dict]:

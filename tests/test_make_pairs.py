@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ from vlmtune.data.sample import Turn
 from vlmtune.make_pairs import choose
 from vlmtune.metrics import sample_scores
 from vlmtune.train import train
+from cli_process import wait_for_lines
 
 N_SLOW = 400  # prompts for the run that is interrupted: far more than finish before the signal
 
@@ -243,17 +243,6 @@ def test_help_lists_the_command_and_its_options(capsys):
 
 # -- a second run, and a real Ctrl-C ------------------------------------------------------------
 
-def wait_for_rows(process, path: Path, n: int, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and len(path.read_bytes().splitlines()) >= n + 1:  # the header, then n rows
-            return
-        if process.poll() is not None:
-            pytest.fail(f"make-pairs ended (rc {process.returncode}) before {n} rows: {process.read()[1]}")
-        time.sleep(0.05)
-    process.kill()
-    pytest.fail(f"no {n} rows in {path} after {timeout} s")
-
 
 @pytest.mark.long  # a vlmtune process of its own
 def test_a_second_run_to_the_same_out_is_refused_and_ctrl_c_keeps_whole_batches(tmp_path, tiny_qwen2_vl, capsys):
@@ -266,7 +255,7 @@ def test_a_second_run_to_the_same_out_is_refused_and_ctrl_c_keeps_whole_batches(
     partial = tmp_path / "pairs.partial.jsonl"
     args = make_pairs_args(tiny_qwen2_vl, data, out, "--batch-size", "1", "--max-new-tokens", "16")
     process = start_cli(args)
-    wait_for_rows(process, partial, 2)
+    wait_for_lines(process, partial, 2 + 1)  # the header, then 2 rows
 
     assert cli.main(args) == 2  # while the first one writes
     assert f"--out {out}: another `vlmtune data make-pairs` is writing it ({partial} is locked)" \
