@@ -9,6 +9,7 @@ import json
 import pytest
 from conftest import draw
 
+from vlmtune.data.encode import TOKEN_KEYS
 from vlmtune.data.formats import load_samples
 from vlmtune.data.sample import IMAGE, Sample, Turn
 from vlmtune.generation import Sampling, chat_sample, complete, load_generator, stream
@@ -94,3 +95,34 @@ def test_chat_messages_read_like_the_messages_data_format(tmp_path, samples):
     sample = chat_sample(messages)
     assert sample.images == [image] and sample.turns[1].text == IMAGE + "\nWhat?"
     assert [t.text for t in sample.turns[2:]] == ["a red circle", "And now?", ""]
+
+
+def test_answers_never_contain_image_placeholders(gen, samples):
+    """A model pushed towards the image placeholder and vision markers still never samples them:
+    fed back to score the answer (GRPO), a stray placeholder breaks the forward pass."""
+    model, encoder = gen.model, gen.variant().encoder
+    config = model.config
+    banned = [config.image_token_id, config.video_token_id, config.vision_start_token_id, config.vision_end_token_id]
+
+    def favour_banned(module, inputs, logits):
+        logits = logits.clone()
+        logits[..., banned] += 1000.0
+        return logits
+
+    head = model.get_output_embeddings()
+    hook = head.register_forward_hook(favour_banned)
+    try:
+        done = complete(model, encoder, samples, LIMIT, Sampling(temperature=1.0, seed=0))
+    finally:
+        hook.remove()
+    for c in done:
+        assert len(c.token_ids) == c.completion_tokens == LIMIT
+        assert not set(c.token_ids) & set(banned)
+    # the hook does reach the logits: without the ban the first banned id would win every step
+    hook = head.register_forward_hook(favour_banned)
+    try:
+        prompt = encoder.encode_prompt(samples[0])
+        out = model(**{k: v.unsqueeze(0) if k in TOKEN_KEYS else v for k, v in prompt.items()})
+    finally:
+        hook.remove()
+    assert out.logits[0, -1].argmax().item() in banned

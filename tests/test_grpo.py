@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,14 +15,15 @@ from safetensors.torch import load_file
 
 from conftest import base_overrides, caption_records, read_jsonl, trained_runs, write_json
 from vlmtune.config import load_config
+from vlmtune.data.encode import IGNORE_INDEX, TOKEN_KEYS, with_answer_tokens
 from vlmtune.data.formats import load_samples
+from vlmtune.data.sample import Turn
 from vlmtune.errors import ConfigError
 from vlmtune.generation import generate
 from vlmtune.parts import build_encoder, run_parts
 from vlmtune.rl.losses import group_advantages, grpo_loss
 from vlmtune.rl.rewards import (bleu4, cider, exact_match, format_reward, load_rewards, one_minus_cer, render,
                                 score_rewards, total_reward)
-from vlmtune.rl.trainers import with_answer
 from vlmtune.train import train
 
 # -- rewards -------------------------------------------------------------------------------------
@@ -126,20 +128,27 @@ def test_grpo_loss_by_hand():
     assert logps.grad.tolist() == [pytest.approx(row, abs=1e-6) for row in grad]
 
 
-def test_sampled_answers_are_encoded_with_sfts_masking(tmp_path, qwen2_vl_parts):
+def test_sampled_answers_are_scored_on_their_own_tokens_with_sfts_masking(tmp_path, qwen2_vl_parts):
+    """GRPO trains on the tokens it sampled, after the prompt exactly as SFT encodes it: an answer
+    that ended gets its end-of-turn token trained, as in SFT; one cut off at max_new_tokens gets none."""
     processor, family = qwen2_vl_parts
     config = load_config(None, ["data.system_prompt=Be brief."])
     encoder = build_encoder(config, processor, family)
     (sample,) = load_samples(write_json(tmp_path / "d.json", caption_records(1, tmp_path)))
-    answers = ["a blue square", "", "red red red"]
-    items = encoder.encode_answers(sample, answers)
-    for item, answer in zip(items, answers):
-        sft = encoder.encode(with_answer(sample, answer))
+    prompt = encoder.encode_prompt(sample)
+    end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    for answer in ["a blue square", "", "red red red"]:
+        ended = processor.tokenizer(answer, add_special_tokens=False)["input_ids"] + [end]
+        item = with_answer_tokens(prompt, ended)
+        sft = encoder.encode(replace(sample, turns=sample.prompt_turns() + [Turn("assistant", answer)]))
+        n = len(item["input_ids"])  # SFT's encoding goes on with the template's masked tail
         assert item.keys() == sft.keys()
         for key in sft:
-            assert torch.equal(item[key], sft[key]), key
-        ids = processor.tokenizer(answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
-        assert trained_runs(item["labels"]) == [ids]
+            assert torch.equal(item[key], sft[key][:n] if key in TOKEN_KEYS else sft[key]), key
+        assert (sft["labels"][n:] == IGNORE_INDEX).all()
+        assert trained_runs(item["labels"]) == [ended]
+        cut = with_answer_tokens(prompt, ended[:-1])
+        assert trained_runs(cut["labels"]) == ([ended[:-1]] if answer else [])
 
 
 # -- runs ------------------------------------------------------------------------------------------

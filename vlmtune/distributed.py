@@ -40,7 +40,7 @@ from torch import nn
 
 from vlmtune.config import TrainConfig
 from vlmtune.errors import ConfigError, VlmtuneError
-from vlmtune.models.family import Family
+from vlmtune.models.family import Family, placeholder_token_ids
 
 DISABLE_ENV = "VLMTUNE_NO_VISION_PASS"
 BLANK_SIDE = 32  # px; processors enlarge it to their smallest image (Qwen: min_pixels, e.g. 56x56 = 4 tokens)
@@ -55,16 +55,6 @@ def distributed() -> bool:
 def _unwrap(model: nn.Module) -> nn.Module:
     """The transformers model under peft's wrapper (the one whose methods the forward calls)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _token_ids(config) -> list[int]:
-    """The placeholder ids of images and videos in `config` (a model's config), where it names them."""
-    ids = []
-    for key in ("image_token_id", "image_token_index", "video_token_id", "video_token_index"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value not in ids:
-            ids.append(value)
-    return ids
 
 
 def _tensors(value) -> list[torch.Tensor]:
@@ -117,7 +107,7 @@ class VisionPass:
 
     def __init__(self, model: nn.Module, family: Family, processor):
         self.model = _unwrap(model)
-        self.ids = _token_ids(self.model.config)
+        self.ids = placeholder_token_ids(self.model.config)
         self.vision_trains = any(p.requires_grad and family.part_of(n) in ("vision", "projector")
                                  for n, p in model.named_parameters())
         self.runs = 0  # text-only training batches it has run on

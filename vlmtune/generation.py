@@ -55,6 +55,7 @@ from vlmtune.data.readers import read_messages
 from vlmtune.data.sample import Sample, Turn
 from vlmtune.checkpoints import resolve_weights
 from vlmtune.errors import VlmtuneError
+from vlmtune.models.family import vision_token_ids
 from vlmtune.parts import RunParts, build_encoder, run_parts
 from vlmtune.scoring import item_key
 
@@ -223,6 +224,7 @@ class Completion:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    token_ids: tuple[int, ...] = ()  # the tokens generated, the end-of-turn token included when it ended there
 
 
 class _Rows(StoppingCriteria):
@@ -286,6 +288,12 @@ class _Rows(StoppingCriteria):
         return self.text[row].strip()
 
 
+def _never_sampled(model) -> list[int]:
+    """Tokens no answer may contain: the image/video placeholders and their start/end markers."""
+    config = getattr(model, "config", None)
+    return vision_token_ids(config) if config is not None else []
+
+
 def _eos_ids(model) -> set[int]:
     """The tokens `generate` ends a row at: the checkpoint's generation_config says which."""
     eos = getattr(model.generation_config, "eos_token_id", None)
@@ -325,12 +333,13 @@ def complete(model, encoder: Encoder, prompts: list[Sample | dict], max_new_toke
     model.eval()
     try:
         model.generate(**batch, max_new_tokens=max(limits), pad_token_id=pad_id,
-                       stopping_criteria=StoppingCriteriaList([rows]), **sampling.generate_kwargs())
+                       stopping_criteria=StoppingCriteriaList([rows]), suppress_tokens=_never_sampled(model) or None,
+                       **sampling.generate_kwargs())
     finally:
         if was_training:
             model.train()
-    return [Completion(rows.answer(i), rows.reason[i] or "length", len(items[i]["input_ids"]), len(rows.tokens[i]))
-            for i in range(n)]
+    return [Completion(rows.answer(i), rows.reason[i] or "length", len(items[i]["input_ids"]), len(rows.tokens[i]),
+                       tuple(rows.tokens[i])) for i in range(n)]
 
 
 def generate(model, encoder: Encoder, samples: list[Sample], batch_size: int = 8, max_new_tokens: int | None = None,

@@ -227,7 +227,6 @@ class Encoder:
         prompt = self.encode_prompt(sample)
         messages = self.messages(sample, sample.prompt_turns())
         prefix = self.render(messages, add_generation_prompt=True)
-        token_keys = [k for k in prompt if k in TOKEN_KEYS]
         out = []
         for answer in answers:
             message = {"role": "assistant", "content": [{"type": "text", "text": answer}] if answer else []}
@@ -239,14 +238,7 @@ class Encoder:
             cut = self._answer_end(rendered, message)
             trained = self.tokenizer(rendered[:cut], add_special_tokens=False)["input_ids"]
             rest = self.tokenizer(rendered[cut:], add_special_tokens=False)["input_ids"] if rendered[cut:] else []
-            new = torch.tensor(trained + rest, dtype=torch.long)
-            item = dict(prompt)
-            for key in token_keys:
-                fill = new if key == "input_ids" else torch.ones_like(new) if key == "attention_mask" else torch.zeros_like(new)
-                item[key] = torch.cat([prompt[key], fill.to(prompt[key].dtype)])
-            item["labels"] = torch.cat([torch.full_like(prompt["input_ids"], IGNORE_INDEX),
-                                        torch.tensor(trained + [IGNORE_INDEX] * len(rest), dtype=torch.long)])
-            out.append(item)
+            out.append(with_answer_tokens(prompt, trained, rest))
         return out
 
     def count_tokens(self, sample: Sample, image_sizes: dict[str, tuple[int, int]] | None = None) -> int:
@@ -330,3 +322,16 @@ class Encoder:
             with open_image(path) as im:
                 w, h = im.size
         return h, w
+
+
+def with_answer_tokens(prompt: dict[str, torch.Tensor], trained: list[int], rest: list[int] = ()) -> dict[str, torch.Tensor]:
+    """`prompt` (from `Encoder.encode_prompt`, masked) followed by the answer tokens `trained`
+    (labelled) and `rest` (the template's tail after the answer, masked)."""
+    new = torch.tensor(list(trained) + list(rest), dtype=torch.long)
+    item = dict(prompt)
+    for key in (k for k in prompt if k in TOKEN_KEYS):
+        fill = new if key == "input_ids" else torch.ones_like(new) if key == "attention_mask" else torch.zeros_like(new)
+        item[key] = torch.cat([prompt[key], fill.to(prompt[key].dtype)])
+    item["labels"] = torch.cat([torch.full_like(prompt["input_ids"], IGNORE_INDEX),
+                                torch.tensor(list(trained) + [IGNORE_INDEX] * len(rest), dtype=torch.long)])
+    return item

@@ -21,6 +21,27 @@ from vlmtune.errors import VlmtuneError
 LLM_LINEAR_REGEX = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
+def placeholder_token_ids(config) -> list[int]:
+    """The ids of the image and video placeholder tokens, where a model's config names them."""
+    return _config_ids(config, ("image_token_id", "image_token_index", "video_token_id", "video_token_index"))
+
+
+def vision_token_ids(config) -> list[int]:
+    """The placeholders and the tokens around them (vision start/end): never part of an answer, and
+    a placeholder sampled into one breaks the forward pass that scores it."""
+    return _config_ids(config, ("image_token_id", "image_token_index", "video_token_id", "video_token_index",
+                                "vision_start_token_id", "vision_end_token_id"))
+
+
+def _config_ids(config, keys: tuple[str, ...]) -> list[int]:
+    ids = []
+    for key in keys:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value not in ids:
+            ids.append(value)
+    return ids
+
+
 @dataclass(frozen=True)
 class VisionBlock:
     """One block of a vision tower as `vlmtune plan` counts its memory (names relative to the block)."""

@@ -15,6 +15,7 @@ from dataclasses import replace
 import torch
 
 from vlmtune.data.collate import Collator
+from vlmtune.data.encode import with_answer_tokens
 from vlmtune.data.sample import Sample, Turn
 from vlmtune.generation import Sampling, complete
 from vlmtune.rl.losses import dpo_loss, group_advantages, grpo_loss, sequence_logps, token_logps
@@ -137,8 +138,9 @@ class GRPOTrainer(_Objective):
         rewards = torch.tensor(total_reward(self.rewards, scores), dtype=torch.float32)
         advantages = group_advantages(rewards, group, self.scale_rewards).to(self.args.device)
 
-        rows = [item for k, s in enumerate(samples)
-                for item in self.answer_encoder.encode_answers(s, texts[k * group:(k + 1) * group])]
+        # the policy is scored on exactly the tokens it sampled: an answer cut off at max_new_tokens gets no
+        # end-of-turn token it never chose (trained as one, a low reward would teach it not to stop)
+        rows = [with_answer_tokens(prompts[k // group], c.token_ids) for k, c in enumerate(completions)]
         batch = self.collate(rows)
         batch = self._prepare_inputs(batch)
         logps, mask = token_logps(_forward(model, batch), batch["labels"])
