@@ -142,8 +142,10 @@ def compare_section(run: RunData) -> str:
                    f"<td>{esc(fmt(b_metrics.get(m)))}</td><td>{esc(fmt(a_metrics.get(m)))}</td>"
                    f"{change_cell(m, b_metrics.get(m), a_metrics.get(m))}</tr>" for m in names)
     task = f" · task {esc(compare['task'])}" if compare.get("task") else ""
+    started = (run.config.get("model") or {}).get("name_or_path") if isinstance(run.config, dict) else None
+    base = f"before: {esc(before)}" + (f" <small>({esc(started)})</small>" if before == "base" and started else "")
     return (f"<section><h2>Before / after</h2><p class=\"note\">eval/compare.json{task}</p>"
-            f"<table class=\"compare\"><thead><tr><th>metric</th><th>before: {esc(before)}</th>"
+            f"<table class=\"compare\"><thead><tr><th>metric</th><th>{base}</th>"
             f"<th>after: {esc(after)}</th><th>change</th></tr></thead><tbody>{rows}</tbody></table></section>")
 
 
