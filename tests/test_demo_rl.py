@@ -28,8 +28,9 @@ def test_demo_rl_shows_grpo_beating_its_sft_model(tmp_path):
     assert len(predictions) == 300  # the held-out images of --rl
     assert sum(p["prediction"] == p["reference"] for p in predictions) / 300 == pytest.approx(grpo["exact_match"])
 
-    rewards = [r["reward"] for r in read_jsonl(run / "metrics.jsonl") if "reward" in r]
-    assert len(rewards) == 25 and rewards[-1] > rewards[0]  # a logging step every 10 of 250
+    logged = [(r["step"], r["reward"]) for r in read_jsonl(run / "metrics.jsonl") if "reward" in r]
+    assert [step for step, _ in logged] == [1, *range(10, 251, 10)]  # the first step, then every 10 of 250
+    assert logged[-1][1] > logged[0][1]
     report = (run / "report.html").read_text()
     assert 'alt="reward"' in report  # the reward curve
     assert f"before: base <small>({out / 'run' / 'final'})</small>" in report  # the table: SFT model -> GRPO

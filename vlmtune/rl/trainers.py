@@ -16,7 +16,7 @@ import torch
 
 from vlmtune.data.collate import Collator
 from vlmtune.data.encode import with_answer_tokens
-from vlmtune.data.sample import Sample, Turn
+from vlmtune.data.sample import Sample
 from vlmtune.generation import Sampling, complete
 from vlmtune.rl.losses import dpo_loss, group_advantages, grpo_loss, sequence_logps, token_logps
 from vlmtune.rl.rewards import Reward, score_rewards, total_reward
@@ -91,11 +91,6 @@ class DPOTrainer(_Objective):
         loss, stats = dpo_loss(policy[:n], policy[n:], reference[:n], reference[n:], self.beta, self.label_smoothing)
         self._record(stats)
         return (loss, {}) if return_outputs else loss
-
-
-def with_answer(sample: Sample, answer: str) -> Sample:
-    """`sample`'s prompt turns followed by `answer` as the assistant's turn."""
-    return replace(sample, turns=sample.prompt_turns() + [Turn("assistant", answer)])
 
 
 class GRPOTrainer(_Objective):
