@@ -50,7 +50,7 @@ def demo(out: str = "demo_out", steps: int | None = None, train_samples: int = 1
             gain is a few points: measured on 100 images it would drown in the sampling noise).
         seed: Seed of the data, the model weights and training.
         rl: Then GRPO from the fine-tuned model with an exact-match reward (configs/demo_rl.yaml), evaluated
-            against it: SFT -> GRPO. The SFT part then trains RL_SFT_STEPS (120) steps unless --steps is given.
+            against it: SFT -> GRPO. The SFT part then trains 120 steps unless --steps is given.
         rl_steps: GRPO steps; default: train.max_steps of configs/demo_rl.yaml.
     """
     if not DEMO_CONFIG.exists():
@@ -59,7 +59,7 @@ def demo(out: str = "demo_out", steps: int | None = None, train_samples: int = 1
 
     started = time.time()
     out = Path(out)
-    with RunLock(out):  # a second demo into the same folder is refused, not allowed to delete this one's run
+    with RunLock(out, setting="--out"):  # a second demo into the same folder is refused, not allowed to delete this one's run
         if rl and steps is None:
             steps = RL_SFT_STEPS
         if val_samples is None:

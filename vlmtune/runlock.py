@@ -22,10 +22,12 @@ LOCK_NAME = "train.lock"
 
 
 class RunLock:
-    """Exclusive hold on a run folder: `with RunLock(folder): ...`, or `acquire()` / `release()`."""
+    """Exclusive hold on a run folder: `with RunLock(folder): ...`, or `acquire()` / `release()`.
+    `setting` names what picks the folder, for the refusal message."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, setting: str = "train.output_dir"):
         self.path = Path(folder) / LOCK_NAME
+        self.setting = setting  # what a refused user changes to pick another folder
         self._fd: int | None = None
         self._created = False  # the folder was made for the lock: removed again if nothing else went in
         self.previous: dict | None = None  # the holder's details, if a dead run left the lock behind
@@ -40,7 +42,7 @@ class RunLock:
             holder = _read(fd)
             os.close(fd)
             raise VlmtuneError(f"{self.path.parent} is in use by another training run: {_describe(holder)}. "
-                               "Wait for it to finish (or stop it), or choose another train.output_dir.") from None
+                               f"Wait for it to finish (or stop it), or choose another {self.setting}.") from None
         self.previous = _read(fd) or None
         details = {"host": host(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                    "command": " ".join(sys.argv)}
