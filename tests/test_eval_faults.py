@@ -103,3 +103,23 @@ def test_eval_and_predict_leave_only_the_final_files(tmp_path, tiny_qwen2_vl):
     assert sorted(p.name for p in (tmp_path / "eval" / "model").iterdir()) == ["metrics.json", "predictions.jsonl"]
     assert sorted(p.name for p in tmp_path.iterdir() if "partial" in p.name) == []
     assert json.loads((tmp_path / "eval" / "model" / "metrics.json").read_text())["n"] == 3
+
+
+@pytest.mark.long  # vlmtune processes of their own
+def test_a_second_predict_into_the_same_file_is_refused_while_the_first_writes(tmp_path, tiny_qwen2_vl):
+    process, out = start_predict(tmp_path, tiny_qwen2_vl)
+    partial = tmp_path / "preds.partial.jsonl"
+    try:
+        wait_for_lines(process, partial, 2)
+        second = run_cli(["predict", "--model", str(tiny_qwen2_vl), "--data", str(tmp_path / "many.json"),
+                          "--out", str(out), "--max-new-tokens", "4"])
+        assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-3000:]
+        assert f"{partial} is being written by another running command" in second.stderr
+        assert process.poll() is None  # the first writes on
+        wait_for_lines(process, partial, len(read_jsonl(partial)) + 2)
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert finished_rows(partial)  # only the first command's rows, whole and in order
+    assert not out.exists()

@@ -17,6 +17,7 @@ done, so a crash or Ctrl-C keeps the finished ones; then `metrics.json` (corpus 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import sys
@@ -41,7 +42,9 @@ def partial_path(path: Path) -> Path:
 class PartialJsonl:
     """JSON lines appended (and flushed) batch by batch to `partial_path(path)`, renamed to `path`
     by `finish()`, so an error, Ctrl-C or a kill keeps every finished row; leaving the `with`
-    block without `finish()` says where they are.
+    block without `finish()` says where they are. The partial file is held with an exclusive
+    `flock` until it is renamed: a second command writing the same file is refused, not allowed
+    to interleave its rows with this one's.
 
     Args:
         path: the final file.
@@ -59,7 +62,15 @@ class PartialJsonl:
 
     def __enter__(self) -> PartialJsonl:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = self.partial.open("w", encoding="utf-8")
+        fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise VlmtuneError(f"{self.partial} is being written by another running command (the same one twice?): "
+                               f"wait for it to finish, or write the {self.what} elsewhere") from None
+        os.ftruncate(fd, 0)  # rows a stopped earlier command left here are replaced, as rerunning it would
+        self.file = os.fdopen(fd, "w", encoding="utf-8")
         return self
 
     def write(self, rows: list[dict]) -> None:
@@ -71,9 +82,8 @@ class PartialJsonl:
         self.rows += rows
 
     def finish(self) -> Path:
-        """Put the rows in place under the final name, in `index` order."""
-        self.file.close()
-        self.file = None
+        """Put the rows in place under the final name, in `index` order (still holding the lock, so
+        no second command can take the partial file between the last row and the rename)."""
         indices = [row["index"] for row in self.rows]
         if indices == sorted(indices):
             os.replace(self.partial, self.path)
@@ -81,6 +91,8 @@ class PartialJsonl:
             rows = sorted(self.rows, key=lambda row: row["index"])
             atomic_write_text(self.path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
             self.partial.unlink()
+        self.file.close()
+        self.file = None
         return self.path
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -50,7 +50,8 @@ def predict_command(target: str | None = None, /, model: str | None = None, adap
     greedily, in batches. Unlike `vlmtune eval`, nothing is scored. Every record is checked first
     (images exist and open, turns are well formed): a bad one stops the command before the model
     loads, with `FILE:INDEX: what is wrong`. Answers are written as each batch finishes, to
-    OUT's NAME.partial.jsonl, renamed to OUT at the end: a crash or Ctrl-C keeps the finished ones.
+    OUT's NAME.partial.jsonl, renamed to OUT at the end: a crash or Ctrl-C keeps the finished ones;
+    a second predict into the same OUT while this one runs is refused.
 
     Args:
         target: Run folder (uses final/, else the newest checkpoint) or checkpoint folder.
