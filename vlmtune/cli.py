@@ -15,6 +15,7 @@ import re
 import sys
 import types
 import typing
+import warnings
 
 from vlmtune.errors import VlmtuneError
 
@@ -142,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rest = argv[len(name.split()):]
     target, summary = COMMANDS[name]
+    # peft asks every model `is_gradient_checkpointing`, which transformers 5 deprecates with a
+    # FutureWarning on each call: noise about two dependencies, nothing the user can act on.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     fn = _load(target)
     args = build_parser(fn, f"vlmtune {name}", summary).parse_intermixed_args(rest)
     try:
