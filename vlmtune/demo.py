@@ -27,6 +27,7 @@ from vlmtune.errors import VlmtuneError
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 DEMO_RL_CONFIG = DEMO_CONFIG.with_name("demo_rl.yaml")
 MARKER = "vlmtune_demo.json"
+BLEU_NOTE = "\n(bleu4 stays 0: the demo's captions are 3 words, and BLEU-4 counts runs of 4)"
 
 
 def _eval_losses(run: Path) -> tuple[float | None, float | None]:
@@ -114,7 +115,7 @@ def _demo(out: Path, steps: int | None, train_samples: int, val_samples: int, se
     print("\n=== vlmtune demo: before vs after fine-tuning (held-out images) ===")
     if loss_before is not None:
         print(f"validation loss   {loss_before:.4f} -> {loss_after:.4f}")
-    print(comparison_table(before, after, ("before", "after")))
+    print(comparison_table(before, after, ("before", "after")) + BLEU_NOTE)
     print(f"\nrun folder: {run}\nreport:     {report}\ntime:       {time.time() - started:.0f} s")
     print(f"open it in the web UI: vlmtune ui {shlex.quote(str(run))}")
     learned = after["exact_match"] > before["exact_match"] + 0.1 and (loss_after or 0) < (loss_before or 0)
@@ -154,7 +155,7 @@ def _demo_rl(out: Path, steps: int | None, seed: int, started: float) -> int:
     if rewards:
         print(f"reward of the sampled captions {g.rewards}: {rewards[0]:.3f} -> {rewards[-1]:.3f} (first and last "
               "logging step)")
-    print(comparison_table(before, after, ("SFT", "GRPO")))
+    print(comparison_table(before, after, ("SFT", "GRPO")) + BLEU_NOTE)
     print(f"\nrun folder: {run}\nreport:     {report}\ntime:       {time.time() - started:.0f} s (SFT demo included)")
     if after["exact_match"] <= before["exact_match"]:
         print("GRPO did not raise held-out exact match over the SFT model: something is wrong")
