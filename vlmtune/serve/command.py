@@ -164,5 +164,6 @@ def _serve(sock: socket.socket, target: str, adapters: dict[str, str], name: str
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
     print(f"serving {', '.join(generator.names)} at {url} (OpenAI-compatible; Ctrl-C stops)", flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
-    server.run(sockets=[sock])
+    server.run(sockets=[sock])  # uvicorn takes Ctrl-C itself: it finishes the answers under way and returns
+    print("vlmtune serve: stopped", file=sys.stderr, flush=True)
     return 0
