@@ -23,7 +23,7 @@ PACKAGE = ROOT / "vlmtune"
 # Lowest first. An entry names a module or a package (and so everything in it). Generation sits
 # below training because training generates its validation predictions with it.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("ground", ("vlmtune", "vlmtune.errors", "vlmtune.fileio")),
+    ("ground", ("vlmtune", "vlmtune.errors", "vlmtune.fileio", "vlmtune.listen")),
     ("config", ("vlmtune.config",)),
     ("metrics", ("vlmtune.metrics",)),
     ("models", ("vlmtune.models",)),

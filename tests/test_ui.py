@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -213,7 +215,7 @@ def test_train_job_runs_in_a_subprocess_and_stops_with_a_checkpoint(tiny_qwen2_v
                                                                      monkeypatch):
     from conftest import base_overrides
 
-    from vlmtune.ui import TrainJob, train_overrides
+    from vlmtune.ui import TrainJob, stop_jobs, train_overrides
 
     for key, value in clean_env().items():
         monkeypatch.setenv(key, value)
@@ -229,7 +231,33 @@ def test_train_job_runs_in_a_subprocess_and_stops_with_a_checkpoint(tiny_qwen2_v
     while time.time() < deadline and job.process.poll() is None and "step 0" in job.status():
         time.sleep(0.3)
     assert job.status().startswith("running"), job.log_tail()
-    job.stop()
-    assert job.process.wait(60) == 130, job.log_tail()
+    stop_jobs([job])  # what the UI does to the runs it started when it is stopped
+    assert job.process.poll() == 130, job.log_tail()
     assert "exit code 130 (stopped; a checkpoint was saved)" in job.status()
     assert list(out.glob("checkpoint-*")), job.log_tail()
+
+
+def test_a_port_in_use_is_one_line_not_a_traceback(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = run_cli(["ui", str(tmp_path), "--port", str(port)])
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert f"port {port} on 127.0.0.1 is already in use (another `vlmtune ui`?)" in result.stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_and_sigterm_stop_the_ui(tmp_path, signum):
+    port = free_port()
+    server = start_cli(["ui", str(tmp_path), "--port", str(port)], GRADIO_ANALYTICS_ENABLED="False")
+    try:
+        wait_for_http(server, port)
+        server.send_signal(signum)
+        code = server.wait(30)
+    finally:
+        if server.poll() is None:
+            server.kill()
+    _, err = server.read()
+    assert "Traceback" not in err, err[-3000:]
+    assert code == 0 and "vlmtune ui: stopped" in err

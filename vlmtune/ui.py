@@ -27,10 +27,14 @@ import html
 import json
 import math
 import os
+import signal
+import sys
 import threading
+import time
 from pathlib import Path
 
 from vlmtune.errors import VlmtuneError
+from vlmtune.listen import bind, stop_on_sigterm
 
 CHECKPOINT_PREFIX = "checkpoint-"
 # Rows of predictions drawn at once: each carries its image(s) inline.
@@ -311,14 +315,15 @@ class TrainJob:
 
     def __init__(self, config: str, overrides: list[str], log: Path):
         import subprocess
-        import sys
 
         self.config, self.overrides, self.log = config, overrides, Path(log)
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with self.log.open("wb") as out:
+            # a session of its own: a Ctrl-C in the UI's terminal reaches the UI only, which then stops
+            # the run once (a second SIGINT would make it abort without saving)
             self.process = subprocess.Popen([sys.executable, "-m", "vlmtune.cli", "train", config, *overrides],
                                             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
 
     @property
     def output_dir(self) -> Path | None:
@@ -335,8 +340,6 @@ class TrainJob:
 
     def stop(self) -> None:
         """Ctrl-C: vlmtune saves a checkpoint and exits with 130."""
-        import signal
-
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)
 
@@ -358,6 +361,25 @@ class TrainJob:
         return text[-chars:]
 
 
+def stop_jobs(jobs: list[TrainJob]) -> None:
+    """Stop the training runs still going as Ctrl-C does (each saves a checkpoint) and wait for them;
+    a Ctrl-C while waiting leaves them running, and says where."""
+    running = [job for job in jobs if job.process.poll() is None]
+    for job in running:
+        print(f"stopping the training run started here (pid {job.process.pid}, {job.output_dir}): it saves a "
+              "checkpoint first; Ctrl-C again to leave it running", file=sys.stderr, flush=True)
+        job.stop()
+    try:
+        for job in running:
+            job.process.wait()
+            print(f"training run {job.output_dir}: {job.status()}", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:
+        for job in running:
+            if job.process.poll() is None:
+                print(f"left running: pid {job.process.pid}, writing {job.output_dir}, its log {job.log}",
+                      file=sys.stderr, flush=True)
+
+
 def train_overrides(values: dict[str, str]) -> list[str]:
     """`key=value` overrides for the fields given a value (blank ones keep the config's)."""
     return [f"{k}={str(v).strip()}" for k, v in values.items() if v is not None and str(v).strip()]
@@ -375,14 +397,15 @@ def _shown(message: dict) -> list[dict]:
     return shown + ([{"role": message["role"], "content": text}] if text else [])
 
 
-def build_app(paths: list[str], models: Models | None = None):
-    """The Gradio Blocks of the UI for the runs named by `paths` (built, not launched)."""
+def build_app(paths: list[str], models: Models | None = None, jobs: list[TrainJob] | None = None):
+    """The Gradio Blocks of the UI for the runs named by `paths` (built, not launched); the training
+    runs started from the page are appended to `jobs`, newest last."""
+    import tempfile
+
     import gradio as gr
 
     models = models or Models()
-    import tempfile
-
-    jobs: list[TrainJob] = []  # training runs started from this page, newest last
+    jobs = [] if jobs is None else jobs
     log_dir = tempfile.mkdtemp(prefix="vlmtune-ui-")
     sources = chat_sources(paths)
     runs = find_runs(paths)
@@ -564,12 +587,25 @@ def ui_command(runs: list[str], host: str = "127.0.0.1", port: int = 7860, trust
     missing = [p for p in paths if not Path(p).exists() and not hub_id(p)]
     if missing:
         raise VlmtuneError(f"no such folder: {', '.join(missing)}")
-    app = build_app(paths, Models(trust_remote_code))
+    bind(host, port, "vlmtune ui").close()  # a port in use is said in one line, not as gradio's traceback
+    jobs: list[TrainJob] = []
+    app = build_app(paths, Models(trust_remote_code), jobs)
     # the browser gets no fonts or scripts from the internet: system fonts only
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                               font_mono=["ui-monospace", "monospace"])
     allowed = [str(r.resolve()) for r in find_runs(paths)]  # report.html links
     print(f"vlmtune ui on http://{host}:{port}", flush=True)
     app.queue().launch(server_name=host, server_port=port, share=False, theme=theme, allowed_paths=allowed,
-                       ssr_mode=False, mcp_server=False, quiet=True, footer_links=[])
+                       ssr_mode=False, mcp_server=False, quiet=True, footer_links=[], prevent_thread_lock=True)
+    previous = signal.signal(signal.SIGTERM, stop_on_sigterm)
+    try:
+        while True:  # until Ctrl-C or SIGTERM
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        app.close()
+    stop_jobs(jobs)
+    print("vlmtune ui: stopped", file=sys.stderr, flush=True)
     return 0

@@ -11,7 +11,6 @@ traceback.
 
 from __future__ import annotations
 
-import errno
 import importlib.util
 import os
 import signal
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 from vlmtune.errors import VlmtuneError
+from vlmtune.listen import bind, stop_on_sigterm
 
 API_KEY_ENV = "VLMTUNE_API_KEY"
 
@@ -40,35 +40,6 @@ def parse_adapters(specs: list[str] | None) -> dict[str, str]:
             raise VlmtuneError(f"--adapter {name.strip()!r} is given twice; give each adapter its own name")
         adapters[name.strip()] = path.strip()
     return adapters
-
-
-def bind(host: str, port: int) -> socket.socket:
-    """A listening socket on host:port, taken now so that a port in use is found before loading.
-
-    Raises:
-        VlmtuneError: the port is in use, or may not be bound.
-    """
-    try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-    except socket.gaierror as e:
-        raise VlmtuneError(f"--host {host}: not an address this machine can listen on ({e})") from None
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-        sock.listen(128)
-    except OSError as e:
-        sock.close()
-        if e.errno == errno.EADDRINUSE:
-            raise VlmtuneError(f"port {port} on {host} is already in use (another `vlmtune serve`?); stop that "
-                               "server or choose another port with --port") from None
-        raise VlmtuneError(f"cannot listen on {host}:{port}: {e.strerror}") from None
-    sock.set_inheritable(True)
-    return sock
-
-
-def _stop_on_sigterm(signum, frame) -> None:
-    raise KeyboardInterrupt  # SIGTERM stops the server the way Ctrl-C does
 
 
 def serve_command(target: str, /, adapter: list[str] | None = None, name: str | None = None,
@@ -133,8 +104,8 @@ def serve_command(target: str, /, adapter: list[str] | None = None, name: str | 
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         print(f"warning: listening on {host} without --api-key: anyone who can reach this machine can use the model",
               file=sys.stderr, flush=True)
-    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
-    sock = bind(host, port)
+    previous = signal.signal(signal.SIGTERM, stop_on_sigterm)
+    sock = bind(host, port, "vlmtune serve")
     try:
         return _serve(sock, target, adapters, name, api_key, local, max_images, max_image_pixels, max_body_mb,
                       max_tokens, max_batch, batch_wait_ms, image_newline, trust_remote_code)
