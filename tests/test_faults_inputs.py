@@ -304,6 +304,50 @@ def test_a_full_disk_during_the_merge_says_so_and_leaves_nothing(lora_run, small
     assert list(small_disk.iterdir()) == []
 
 
+def test_data_synth_and_tiny_model_on_a_full_disk_say_so_and_leave_nothing(small_disk):
+    synth = run_cli(["data", "synth", "caption", "--out", str(small_disk / "shapes"), "--n", "300", "--val", "10"])
+    assert_clean_error(synth, f"no space left on {small_disk}", f"while writing the dataset {small_disk / 'shapes'}",
+                       "nothing half-written was kept")
+    tiny = run_cli(["tiny-model", "--out", str(small_disk / "tiny")])
+    assert_clean_error(tiny, f"no space left on {small_disk}", f"while writing the tiny model {small_disk / 'tiny'}")
+    assert list(small_disk.iterdir()) == []
+
+
+def test_data_split_on_a_full_disk_keeps_the_previous_pair_whole(small_disk, tmp_path):
+    images = [draw(tmp_path / f"shape{i}.png", colour, shape) for i, (colour, shape) in
+              enumerate((c, s) for c in ("red", "green", "blue", "yellow", "purple") for s in ("circle", "square"))]
+    records = [{"id": str(i), "image": str(images[i % 10]), "conversations": [
+        {"role": "user", "content": f"<image>\nQuestion {i}: what is drawn here, in a few words?"},
+        {"role": "assistant", "content": "a red circle " * 20}]} for i in range(300)]
+    data = write_json(tmp_path / "all.json", records)
+    out = small_disk / "split"
+    out.mkdir()
+    old = {name: write_json(out / f"{name}.json", records[:1]) for name in ("train", "val")}
+    before = {name: Path(path).read_bytes() for name, path in old.items()}
+    free = shutil.disk_usage(small_disk).free
+    (small_disk / "filler").write_bytes(b"x" * (free - 48 * 1024))  # room for one new file, not two
+    # val holds 9 of the 10 images: the small train file is written, then the big val file fails
+    result = run_cli(["data", "split", data, "--val", "0.9", "--out", str(out)])
+    assert_clean_error(result, f"no space left on {out}", "nothing half-written was kept")
+    assert {name: Path(path).read_bytes() for name, path in old.items()} == before  # old train and val, untouched
+    assert sorted(p.name for p in out.iterdir()) == ["train.json", "val.json"]
+
+
+def test_tiny_model_replaces_its_own_folder_and_refuses_any_other(tmp_path):
+    out = tmp_path / "tiny"
+    assert run_cli(["tiny-model", "--out", str(out)]).returncode == 0
+    first = (out / "model.safetensors").read_bytes()
+    again = run_cli(["tiny-model", "--out", str(out), "--seed", "1"])
+    assert again.returncode == 0 and (out / "model.safetensors").read_bytes() != first
+    assert json.loads((out / "vlmtune_tiny.json").read_text())["seed"] == 1
+    other = tmp_path / "data"
+    other.mkdir()
+    (other / "train.json").write_text("[]")
+    assert_clean_error(run_cli(["tiny-model", "--out", str(other)]), f"{other} exists and is not a tiny model folder")
+    assert [p.name for p in other.iterdir()] == ["train.json"]
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
 # -- data files ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name, text, held", [

@@ -159,6 +159,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a full disk where no command part foresaw it: one line, not a traceback
+        from vlmtune.fileio import is_disk_full
+
+        if not is_disk_full(e):
+            raise
+        where = f" writing {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"error: no space left on the device{where} during `vlmtune {name}` ({e}); free some space or "
+              "write elsewhere", file=sys.stderr)
+        return 2
     return result if isinstance(result, int) else 0
 
 

@@ -69,8 +69,22 @@ def split_command(data: str, val: str = "0.1", seed: int = 0, out: str | None = 
         if sample.id is None:
             sample.id = f"identity_{i + 1}"
     parts = {"train": train, "val": val_part}
-    for name, part in parts.items():
-        write_samples(part, paths[name], fmt)
+    # both files under temporary names first, then renamed: a failure (a full disk) never leaves a new
+    # train file beside an old or missing val file
+    created = not os.path.isdir(folder)
+    temps = {name: os.path.join(folder, f".{name}.tmp-{os.getpid()}{ext}") for name in parts}
+    try:
+        for name, part in parts.items():
+            write_samples(part, temps[name], fmt)
+        for name in parts:
+            os.replace(temps[name], paths[name])
+    except BaseException:
+        for temp in temps.values():
+            if os.path.exists(temp):
+                os.remove(temp)
+        if created and os.path.isdir(folder) and not os.listdir(folder):
+            os.rmdir(folder)
+        raise
     print(f"train: {len(train)} samples -> {paths['train']}")
     print(f"val:   {len(val_part)} samples -> {paths['val']}")
     train_groups, val_groups = len(image_groups(train)), len(image_groups(val_part))

@@ -44,6 +44,7 @@ from vlmtune.data.sample import IMAGE, Sample, Turn
 from vlmtune.data.shards import write_shards
 from vlmtune.data.split import split_samples
 from vlmtune.errors import DataError, VlmtuneError
+from vlmtune.fileio import disk_full_error
 
 PREPARE_VERSION = 2  # bump when the output for the same arguments changes, so old folders are not reused
 SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "GIF": ".gif", "BMP": ".bmp", "WEBP": ".webp", "TIFF": ".tif"}
@@ -282,8 +283,11 @@ def prepare(args: PrepareArgs, out: str | Path) -> dict:
             os.rename(tmp, out)
         except OSError as e:
             raise VlmtuneError(f"could not move the prepared dataset into {out}: {e}") from e
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        full = disk_full_error(e, out, what=f"the dataset {out}")
+        if full:
+            raise full from None
         raise
     return record
 

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from vlmtune.data.sample import IMAGE
 from vlmtune.errors import VlmtuneError
+from vlmtune.fileio import disk_full_error
 
 LATEX_PROMPT = "你是一个LaText OCR助手,目标是读取用户输入的照片，转换成LaTex公式。"  # LaTeX OCR (Qwen2-VL), verbatim
 CAPTION_PROMPT = "COCO Yes:"  # COCO captions (Qwen2-VL)
@@ -315,8 +316,11 @@ def _write_dataset(out_dir: Path, args: dict, sample: SampleFn) -> tuple[Path, P
             os.rename(tmp, out_dir)
         except OSError as e:
             raise VlmtuneError(f"could not move the new dataset into {out_dir}: {e}") from e
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        full = disk_full_error(e, out_dir, what=f"the dataset {out_dir}")
+        if full:
+            raise full from None
         raise
     return paths
 

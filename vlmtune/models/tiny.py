@@ -11,12 +11,14 @@ real model's prompts, only with fewer ids.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Literal
 
 import torch
 
 from vlmtune.errors import VlmtuneError
+from vlmtune.fileio import disk_full_error, temp_sibling
 from vlmtune.models.bpe import build_tokenizer
 
 # The chat layout of Qwen2-VL / Qwen2.5-VL (ChatML with vision markers). Written for vlmtune;
@@ -174,6 +176,7 @@ def _build_tiny_minicpm(arch: str, out: Path, hidden: int, layers: int, heads: i
     processor.save_pretrained(out)
 
 
+TINY_RECORD = "vlmtune_tiny.json"  # what built a tiny model folder: family, sizes, seed
 MINICPM_TINY = ("minicpmv2", "minicpmv2_6", "minicpmo2_6")  # vlmtune's own implementation
 TINY_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "minicpmv4_6", "minicpmv4_7", *MINICPM_TINY)
 
@@ -214,7 +217,7 @@ def build_tiny_model(family: str, out: str | Path, hidden: int = 64, layers: int
 
 def _write_tiny_record(out: Path, family: str, hidden: int, layers: int, heads: int, vision_dim: int,
                        vision_depth: int, image_size: int, seed: int) -> None:
-    (out / "vlmtune_tiny.json").write_text(json.dumps(
+    (out / TINY_RECORD).write_text(json.dumps(
         {"family": family, "hidden": hidden, "layers": layers, "heads": heads, "vision_dim": vision_dim,
          "vision_depth": vision_depth, "image_size": image_size, "seed": seed}, indent=2))
 
@@ -236,8 +239,22 @@ def tiny_model_command(*, out: str, family: Literal["qwen2_vl", "qwen2_5_vl", "q
             slicing scale_resolution; MiniCPM-V 2.x: twice it, so such an image is cut into 2x2 slices).
         seed: Random seed for the weights.
     """
-    path = build_tiny_model(family, out, hidden=hidden, layers=layers, vision_dim=vision_dim,
-                            vision_depth=vision_depth, image_size=image_size, seed=seed)
+    path = Path(out)
+    if path.exists() and not (path.is_dir() and (not any(path.iterdir()) or (path / TINY_RECORD).is_file())):
+        raise VlmtuneError(f"{path} exists and is not a tiny model folder; choose another --out")
+    temp = temp_sibling(path)  # built beside it and renamed: a crash or a full disk leaves no half model
+    try:
+        build_tiny_model(family, temp, hidden=hidden, layers=layers, vision_dim=vision_dim,
+                         vision_depth=vision_depth, image_size=image_size, seed=seed)
+        if path.exists():
+            shutil.rmtree(path)  # empty, or the tiny model this command wrote before
+        temp.rename(path)
+    except BaseException as e:
+        shutil.rmtree(temp, ignore_errors=True)
+        full = disk_full_error(e, path, what=f"the tiny model {path}")
+        if full:
+            raise full from None
+        raise
     n = sum(p.numel() for p in __import__("safetensors.torch", fromlist=["load_file"]).load_file(
         str(path / "model.safetensors")).values())
     print(f"wrote tiny {family} ({n / 1e6:.2f}M parameters) to {path}")
