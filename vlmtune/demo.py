@@ -158,6 +158,7 @@ def _demo_rl(out: Path, steps: int | None, seed: int, started: float) -> int:
     print(comparison_table(before, after, ("SFT", "GRPO")) + BLEU_NOTE)
     print(f"\nrun folder: {run}\nreport:     {report}\ntime:       {time.time() - started:.0f} s (SFT demo included)")
     if after["exact_match"] <= before["exact_match"]:
-        print("GRPO did not raise held-out exact match over the SFT model: something is wrong")
+        print("GRPO did not raise held-out exact match over the SFT model in this run (it did for seeds 0-4 "
+              "on the project's machine; the README has the figures)")
         return 1
     return 0
