@@ -594,11 +594,11 @@ def ui_command(runs: list[str], host: str = "127.0.0.1", port: int = 7860, trust
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                               font_mono=["ui-monospace", "monospace"])
     allowed = [str(r.resolve()) for r in find_runs(paths)]  # report.html links
-    print(f"vlmtune ui on http://{host}:{port}", flush=True)
-    app.queue().launch(server_name=host, server_port=port, share=False, theme=theme, allowed_paths=allowed,
-                       ssr_mode=False, mcp_server=False, quiet=True, footer_links=[], prevent_thread_lock=True)
-    previous = signal.signal(signal.SIGTERM, stop_on_sigterm)
+    previous = signal.signal(signal.SIGTERM, stop_on_sigterm)  # before the server starts: no moment without it
     try:
+        print(f"vlmtune ui on http://{host}:{port}", flush=True)
+        app.queue().launch(server_name=host, server_port=port, share=False, theme=theme, allowed_paths=allowed,
+                           ssr_mode=False, mcp_server=False, quiet=True, footer_links=[], prevent_thread_lock=True)
         while True:  # until Ctrl-C or SIGTERM
             time.sleep(0.5)
     except KeyboardInterrupt:
