@@ -3,7 +3,7 @@
 # make test   - the CPU test suite (offline, minutes), the fault and resume cases included
 # make test-fast - the same without the long end-to-end runs (marked `long`); under 3 minutes
 # make bench  - benchmarks under bench/ (not part of the tests)
-# make gpu-check - on a CUDA machine: the `gpu`-marked tests and bench/gpu.py --check (quick figures), one table,
+# make gpu-check - on a CUDA machine: the `gpu`-marked tests and bench/gpu_check.py (quick figures), one table,
 #               bench/results/gpu_check.json; GPU_PIP_ARGS="--no-index --find-links .whl" installs the extras offline
 # Each target creates .venv and installs vlmtune with pinned dependencies first, if needed.
 
@@ -46,7 +46,7 @@ bench: $(STAMP)
 gpu-check: $(STAMP)
 	$(VENV)/bin/pip install -q $(GPU_PIP_ARGS) -e '.[deepspeed,qlora]' || echo "gpu-check: DeepSpeed/bitsandbytes not installed; their checks will say skipped"
 	$(VENV)/bin/pip install -q $(GPU_PIP_ARGS) --only-binary=:all: flash-attn || echo "gpu-check: no flash-attn wheel (it is never compiled here); its check will say skipped"
-	$(VENV)/bin/python bench/gpu.py --check
+	$(VENV)/bin/python bench/gpu_check.py
 
 clean:
 	rm -rf demo_out .pytest_cache

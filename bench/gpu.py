@@ -598,11 +598,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="enlarge MiniCPM's formula images this many times (8: most are sliced)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak, if not known")
     parser.add_argument("--work", help="folder for the models and data (default: a temporary one)")
-    parser.add_argument("--out", default=None, help="the JSON results file (default bench/results/gpu.json; "
-                                                      "--check: bench/results/gpu_check.json)")
-    parser.add_argument("--check", action="store_true",
-                        help="`make gpu-check`: the gpu-marked tests and quick figures, one table, gpu_check.json "
-                             "(bench/gpu_check.py)")
+    parser.add_argument("--out", default=None, help="the JSON results file (default bench/results/gpu.json)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -610,11 +606,6 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.result).write_text(json.dumps(run_one(json.loads(args.child)), indent=2))
         return 0
 
-    if args.check:
-        sys.path.insert(0, str(ROOT / "bench"))
-        from gpu_check import run_check
-
-        return run_check(args)
     import torch
 
     if not args.smoke and not torch.cuda.is_available():

@@ -1,8 +1,8 @@
 """`make gpu-check`: what only a GPU can check, in one pass of under 8 minutes on one H100/H200.
 
     make gpu-check                                   # installs the DeepSpeed and QLoRA extras, then:
-    .venv/bin/python bench/gpu.py --check            # on a CUDA machine
-    .venv/bin/python bench/gpu.py --check --smoke    # the same code on CPU with tiny models (a test runs it)
+    .venv/bin/python bench/gpu_check.py              # on a CUDA machine
+    .venv/bin/python bench/gpu_check.py --smoke      # the same code on CPU with tiny models (a test runs it)
 
 1. The `gpu`-marked tests (`pytest -m gpu tests bench`): among them flash-attention varlen packing
    against padded batches (tests/test_packing.py), DeepSpeed ZeRO-3 with mixed text-only / image data
@@ -20,6 +20,7 @@ prints one line and exits 0.
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import platform
@@ -160,12 +161,12 @@ def table(tests: list[dict], runs: list[dict]) -> str:
 
 
 def run_check(args) -> int:
-    """`bench/gpu.py --check [--smoke]` (args: bench/gpu.py's parsed arguments)."""
+    """`bench/gpu_check.py [--smoke]` (args: its parsed arguments, see `main`)."""
     import torch
 
     cuda = torch.cuda.is_available()
     if not cuda and not args.smoke:
-        print("bench/gpu.py --check: no CUDA device here, skipped (use --smoke to exercise it on CPU)")
+        print("bench/gpu_check.py: no CUDA device here, skipped (use --smoke to exercise it on CPU)")
         return 0
     began = time.time()
     n = args.n or (12 if args.smoke else 48)
@@ -201,3 +202,19 @@ def run_check(args) -> int:
     tmp.replace(out)
     print(f"\nwritten {out} ({time.time() - began:.0f} s)")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny models on CPU, few steps: checks the script runs")
+    parser.add_argument("--n", type=int, default=None, help="training samples (default 48, smoke 12)")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 8, smoke 3)")
+    parser.add_argument("--warmup", type=int, default=None, help="steps left out of the figures (default 3, smoke 1)")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak, if not known")
+    parser.add_argument("--work", help="folder for the models and data (default: a temporary one)")
+    parser.add_argument("--out", default=None, help="the JSON results file (default bench/results/gpu_check.json)")
+    return run_check(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import ROOT, clean_env  # noqa: E402  (the tests' environment helpers)
 
 SCRIPT = ROOT / "bench" / "gpu.py"
+CHECK = ROOT / "bench" / "gpu_check.py"
 sys.path.insert(0, str(ROOT / "bench"))
 
 
@@ -74,7 +75,7 @@ def test_gpu_check_smoke_reports_tests_and_runs_in_one_table(tmp_path):
     # `make gpu-check`'s code path on CPU: the gpu-marked tests it stands for run (and skip, saying why),
     # the Qwen and MiniCPM runs give figures and the plan's estimate, the CUDA-only runs say so
     out = tmp_path / "gpu_check.json"
-    result = subprocess.run([sys.executable, str(SCRIPT), "--check", "--smoke", "--work", str(tmp_path / "work"),
+    result = subprocess.run([sys.executable, str(CHECK), "--smoke", "--work", str(tmp_path / "work"),
                              "--out", str(out)], cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -102,10 +103,10 @@ def test_gpu_check_smoke_reports_tests_and_runs_in_one_table(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is here: the check would run")
 def test_gpu_check_without_cuda_skips_in_one_line(tmp_path):
     out = tmp_path / "gpu_check.json"
-    result = subprocess.run([sys.executable, str(SCRIPT), "--check", "--out", str(out)], cwd=ROOT, env=clean_env(),
+    result = subprocess.run([sys.executable, str(CHECK), "--out", str(out)], cwd=ROOT, env=clean_env(),
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and not out.exists()
-    assert result.stdout.strip().splitlines() == ["bench/gpu.py --check: no CUDA device here, skipped (use --smoke "
+    assert result.stdout.strip().splitlines() == ["bench/gpu_check.py: no CUDA device here, skipped (use --smoke "
                                                   "to exercise it on CPU)"]
 
 
