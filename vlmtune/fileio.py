@@ -18,6 +18,8 @@ import shutil
 import socket
 import tempfile
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -215,3 +217,17 @@ def disk_full_error(exc: BaseException, path: str | Path, needed: int | None = N
     need = f"; it needs about {human_bytes(needed)}" if needed else ""
     return VlmtuneError(f"no space left on {probe} ({human_bytes(free)} free) while writing {what or path}{need}. "
                         "Free some space or write elsewhere; nothing half-written was kept.")
+
+
+@contextmanager
+def removed_on_failure(temp: Path, out: str | Path, what: str) -> Iterator[None]:
+    """Delete the temporary folder `temp` (being built for `out`) if the block fails, and turn a
+    full disk into a clear error about `what`."""
+    try:
+        yield
+    except BaseException as e:
+        shutil.rmtree(temp, ignore_errors=True)
+        full = disk_full_error(e, out, what=what)
+        if full:
+            raise full from None
+        raise

@@ -44,7 +44,7 @@ from vlmtune.data.sample import IMAGE, Sample, Turn
 from vlmtune.data.shards import write_shards
 from vlmtune.data.split import split_samples
 from vlmtune.errors import DataError, VlmtuneError
-from vlmtune.fileio import disk_full_error
+from vlmtune.fileio import removed_on_failure
 
 PREPARE_VERSION = 2  # bump when the output for the same arguments changes, so old folders are not reused
 SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "GIF": ".gif", "BMP": ".bmp", "WEBP": ".webp", "TIFF": ".tif"}
@@ -256,7 +256,7 @@ def prepare(args: PrepareArgs, out: str | Path) -> dict:
     ds = open_source(args)  # before the temporary folder: a hub that does not answer leaves nothing
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with removed_on_failure(tmp, out, f"the dataset {out}"):
         samples, skipped = collect_samples(args, ds, tmp / "images")
         try:
             train, val = split_samples(samples, args.val, args.seed)
@@ -283,12 +283,6 @@ def prepare(args: PrepareArgs, out: str | Path) -> dict:
             os.rename(tmp, out)
         except OSError as e:
             raise VlmtuneError(f"could not move the prepared dataset into {out}: {e}") from e
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        full = disk_full_error(e, out, what=f"the dataset {out}")
-        if full:
-            raise full from None
-        raise
     return record
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from tqdm import tqdm
 
 from vlmtune.data.sample import IMAGE
 from vlmtune.errors import VlmtuneError
-from vlmtune.fileio import disk_full_error
+from vlmtune.fileio import removed_on_failure
 
 LATEX_PROMPT = "你是一个LaText OCR助手,目标是读取用户输入的照片，转换成LaTex公式。"  # LaTeX OCR (Qwen2-VL), verbatim
 CAPTION_PROMPT = "COCO Yes:"  # COCO captions (Qwen2-VL)
@@ -293,7 +292,7 @@ def _write_dataset(out_dir: Path, args: dict, sample: SampleFn) -> tuple[Path, P
         return paths
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with removed_on_failure(tmp, out_dir, f"the dataset {out_dir}"):
         (tmp / "images").mkdir()
         width = max(6, len(str(n + val)))
         records: dict[str, list[dict]] = {"train": [], "val": []}
@@ -316,12 +315,6 @@ def _write_dataset(out_dir: Path, args: dict, sample: SampleFn) -> tuple[Path, P
             os.rename(tmp, out_dir)
         except OSError as e:
             raise VlmtuneError(f"could not move the new dataset into {out_dir}: {e}") from e
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        full = disk_full_error(e, out_dir, what=f"the dataset {out_dir}")
-        if full:
-            raise full from None
-        raise
     return paths
 
 

@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 
 from vlmtune.errors import VlmtuneError
-from vlmtune.fileio import disk_full_error, temp_sibling
+from vlmtune.fileio import removed_on_failure, temp_sibling
 from vlmtune.models.bpe import build_tokenizer
 
 # The chat layout of Qwen2-VL / Qwen2.5-VL (ChatML with vision markers). Written for vlmtune;
@@ -243,18 +243,12 @@ def tiny_model_command(*, out: str, family: Literal["qwen2_vl", "qwen2_5_vl", "q
     if path.exists() and not (path.is_dir() and (not any(path.iterdir()) or (path / TINY_RECORD).is_file())):
         raise VlmtuneError(f"{path} exists and is not a tiny model folder; choose another --out")
     temp = temp_sibling(path)  # built beside it and renamed: a crash or a full disk leaves no half model
-    try:
+    with removed_on_failure(temp, path, f"the tiny model {path}"):
         build_tiny_model(family, temp, hidden=hidden, layers=layers, vision_dim=vision_dim,
                          vision_depth=vision_depth, image_size=image_size, seed=seed)
         if path.exists():
             shutil.rmtree(path)  # empty, or the tiny model this command wrote before
         temp.rename(path)
-    except BaseException as e:
-        shutil.rmtree(temp, ignore_errors=True)
-        full = disk_full_error(e, path, what=f"the tiny model {path}")
-        if full:
-            raise full from None
-        raise
     n = sum(p.numel() for p in __import__("safetensors.torch", fromlist=["load_file"]).load_file(
         str(path / "model.safetensors")).values())
     print(f"wrote tiny {family} ({n / 1e6:.2f}M parameters) to {path}")
