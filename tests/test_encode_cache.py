@@ -88,8 +88,7 @@ def edit_image_size(samples, encoder, tmp_path):
 
 def edit_pixel_budget(samples, encoder, tmp_path):
     processor = copy.deepcopy(encoder.processor)
-    processor.image_processor.max_pixels = 56 * 56  # as data.max_pixels would load it
-    processor.image_processor.size = {"shortest_edge": 28 * 28, "longest_edge": 56 * 56}
+    processor.image_processor.size = {"shortest_edge": 28 * 28, "longest_edge": 56 * 56}  # as load_processor sets data.max_pixels
     return samples, Encoder(processor, encoder.family)
 
 

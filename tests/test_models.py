@@ -193,3 +193,28 @@ def test_remote_code_is_refused_unless_trusted(remote_code_model, caption_data, 
     with pytest.raises(VlmtuneError, match="model.trust_remote_code=true"):
         load_processor(folder, family_for(folder))
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", [n for n in TINY_FAMILIES if FAMILIES[n].pixel_budget])
+def test_the_pixel_budget_is_the_image_processors_size_and_every_call_is_warning_free(tiny_model_dir, tmp_path, name):
+    import warnings
+
+    from PIL import Image
+
+    model = tiny_model_dir(name)
+    family = family_for(model)
+    processor = load_processor(model, family, min_pixels=40 * 40, max_pixels=64 * 64)
+    size = processor.image_processor.size
+    assert (size["shortest_edge"], size["longest_edge"]) == (40 * 40, 64 * 64)
+    encoder = Encoder(processor, family)
+    sample = Sample(turns=[Turn("user", f"{IMAGE}\nwhat is this?"), Turn("assistant", "a square")],
+                    images=[draw(tmp_path / "big.png", "blue", "square", (400, 300))])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # transformers' deprecated call-time min_pixels/max_pixels route warns
+        encoded = encoder.encode(sample)
+    patch = processor.image_processor.patch_size
+    t, h, w = encoded["image_grid_thw"][0].tolist()
+    assert h * w * patch * patch <= 64 * 64  # the 400x300 image was shrunk to the budget
+    processor.save_pretrained(tmp_path / "saved")  # what a checkpoint keeps
+    reloaded = load_processor(tmp_path / "saved", family)
+    assert (reloaded.image_processor.size["shortest_edge"], reloaded.image_processor.size["longest_edge"]) == (1600, 4096)

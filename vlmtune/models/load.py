@@ -135,15 +135,16 @@ def load_processor(path: Path, family: Family, min_pixels: int | None = None, ma
     from transformers import AutoProcessor
 
     _check_remote_code(Path(path), trust_remote_code, model_config)  # processors can be remote code too, and load first
-    kwargs = {}
-    if family.pixel_budget:
-        if min_pixels:
-            kwargs["min_pixels"] = min_pixels
-        if max_pixels:
-            kwargs["max_pixels"] = max_pixels
-    processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     if getattr(processor, "tokenizer", None) is None or getattr(processor, "image_processor", None) is None:
         raise VlmtuneError(f"{path}: the processor has no tokenizer or image processor; is this a vision-language model?")
+    if family.pixel_budget and (min_pixels or max_pixels):
+        # Set on the image processor's `size`, which its calls read. Not `from_pretrained(max_pixels=...)`:
+        # transformers 5 keeps such kwargs in the tokenizer's init_kwargs too and passes them to every
+        # call, by the deprecated min_pixels/max_pixels route (a FutureWarning each time).
+        size = dict(processor.image_processor.size)
+        size = {"shortest_edge": min_pixels or size.get("shortest_edge"), "longest_edge": max_pixels or size.get("longest_edge")}
+        processor.image_processor.size = size
     return processor
 
 
