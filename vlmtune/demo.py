@@ -60,7 +60,8 @@ def demo(out: str = "demo_out", steps: int | None = None, train_samples: int = 1
 
     started = time.time()
     out = Path(out)
-    with RunLock(out, setting="--out"):  # a second demo into the same folder is refused, not allowed to delete this one's run
+    # a second demo into the same folder is refused, not allowed to delete this one's run
+    with RunLock(out, setting="--out"):
         if rl and steps is None:
             steps = RL_SFT_STEPS
         if val_samples is None:

@@ -142,9 +142,9 @@ def load_processor(path: Path, family: Family, min_pixels: int | None = None, ma
         # Set on the image processor's `size`, which its calls read. Not `from_pretrained(max_pixels=...)`:
         # transformers 5 keeps such kwargs in the tokenizer's init_kwargs too and passes them to every
         # call, by the deprecated min_pixels/max_pixels route (a FutureWarning each time).
-        size = dict(processor.image_processor.size)
-        size = {"shortest_edge": min_pixels or size.get("shortest_edge"), "longest_edge": max_pixels or size.get("longest_edge")}
-        processor.image_processor.size = size
+        size = processor.image_processor.size
+        processor.image_processor.size = {"shortest_edge": min_pixels or size["shortest_edge"],
+                                          "longest_edge": max_pixels or size["longest_edge"]}
     return processor
 
 
